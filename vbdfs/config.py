@@ -1,0 +1,62 @@
+"""Settings shared by the daemon and vbdctl.
+
+Precedence, lowest first: built-in defaults, the config file
+(/etc/vbdfs/vbdfs.toml, or $VBDFS_CONFIG), the environment (VBDFS_STORE,
+VBDFS_MOUNTPOINT, VBDFS_NODE; vbdctl only), command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+
+DEFAULT_CONFIG = "/etc/vbdfs/vbdfs.toml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Config:
+    store: str = "/srv/ganeti/file-storage"
+    mountpoint: str = "/run/vbdfs"
+    node: str = dataclasses.field(default_factory=socket.gethostname)
+    # Ganeti's whitelist of directories allowed for custom file storage paths.
+    file_storage_paths: str = "/etc/ganeti/file-storage-paths"
+
+    def override(self, **values) -> "Config":
+        """A copy with every non-None value replaced."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+_ENV = {"store": "VBDFS_STORE", "mountpoint": "VBDFS_MOUNTPOINT", "node": "VBDFS_NODE"}
+
+
+def load(path: str | None = None, use_env: bool = False, env=os.environ) -> Config:
+    """Read the config file; a missing default file is not an error, a broken one is."""
+    explicit = path is not None or "VBDFS_CONFIG" in env
+    path = path or env.get("VBDFS_CONFIG", DEFAULT_CONFIG)
+    cfg = Config()
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist") from None
+        values = {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r} "
+                              f"(known: {', '.join(sorted(known))})")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config file {path}: {key} must be a non-empty string")
+    cfg = cfg.override(**values)
+    if use_env:
+        cfg = cfg.override(**{k: env.get(v) or None for k, v in _ENV.items()})
+    return cfg

@@ -1,0 +1,37 @@
+"""Image engines. open_image() and create_image() are the only entry points.
+
+The format is always given by the caller (from the manifest), never guessed
+from the file's content: a guest can write a qcow2 header into its raw disk
+(CVE-2008-2004).
+"""
+
+from __future__ import annotations
+
+from .base import Extent, Image, ImageError, Kind, OutOfRange, ReadOnlyImage
+
+FORMATS = ("raw", "qcow2")
+
+__all__ = ["Extent", "Image", "ImageError", "Kind", "OutOfRange", "ReadOnlyImage",
+           "FORMATS", "open_image", "create_image"]
+
+
+def _engine(fmt: str):
+    if fmt == "raw":
+        from .raw import RawImage
+        return RawImage
+    if fmt == "qcow2":
+        try:
+            from .qcow2 import Qcow2Image
+        except ImportError as e:  # the engine lands separately
+            raise ImageError(f"qcow2 images are not supported by this build: {e}") from None
+        return Qcow2Image
+    raise ImageError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def open_image(path: str, fmt: str, read_only: bool = False, **options) -> Image:
+    return _engine(fmt)(path, read_only=read_only, **options)
+
+
+def create_image(path: str, fmt: str, size: int, **options) -> Image:
+    """Create a new, sparse image (the file must not exist) and return it open."""
+    return _engine(fmt).create(path, size, **options)

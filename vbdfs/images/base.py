@@ -1,0 +1,146 @@
+"""The Image interface every format engine implements.
+
+An Image is one image file seen as a flat array of `size` virtual bytes.
+It knows nothing about instances, manifests or FUSE. All methods are
+synchronous: the FUSE layer calls them straight from its handlers, which
+measured faster on a 2-core Dom0 than handing each request to a thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+
+class ImageError(Exception):
+    """The image cannot be used as asked: malformed, unsupported or misused.
+
+    The message is meant for an administrator and names the file.
+    """
+
+
+class OutOfRange(ImageError):
+    """A request reaches past the virtual size of the image."""
+
+
+class ReadOnlyImage(ImageError):
+    """A write was asked of an image opened (or forced) read-only."""
+
+
+class Kind(enum.Enum):
+    DATA = "data"   # may hold non-zero bytes
+    ZERO = "zero"   # allocated or flagged, but reads as zeros
+    HOLE = "hole"   # not allocated: reads as zeros (or falls through to a backing file)
+
+
+class Extent(NamedTuple):
+    offset: int
+    length: int
+    kind: Kind
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def reads_zero(self) -> bool:
+        return self.kind is not Kind.DATA
+
+
+class Image:
+    """Base class: subclasses implement the I/O; this holds the shared checks."""
+
+    format: str = "?"
+
+    def __init__(self, path: str, size: int, read_only: bool):
+        self.path = path
+        self.size = size
+        self.read_only = read_only
+
+    # --- the interface -------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros, deallocating where possible."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every completed write durable in the image file."""
+        raise NotImplementedError
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Runs of data / zero / hole covering [offset, offset+length), merged."""
+        raise NotImplementedError
+
+    def allocated(self) -> int:
+        """Bytes the image file really occupies on its filesystem."""
+        raise NotImplementedError
+
+    def resize(self, new_size: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- helpers for subclasses ---------------------------------------
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"{self.path}: negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise OutOfRange(
+                f"{self.path}: range {offset}+{length} is past the virtual size {self.size}")
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyImage(f"{self.path}: image is open read-only")
+
+    def clamp_read(self, offset: int, length: int) -> int:
+        """Reads past the end return short, like a regular file."""
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"{self.path}: negative offset or length ({offset}, {length})")
+        return max(0, min(length, self.size - offset))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} size={self.size}{' ro' if self.read_only else ''}>"
+
+
+def merge_extents(extents) -> list[Extent]:
+    """Join adjacent extents of the same kind."""
+    out: list[Extent] = []
+    for e in extents:
+        if e.length <= 0:
+            continue
+        if out and out[-1].kind is e.kind and out[-1].end == e.offset:
+            last = out[-1]
+            out[-1] = Extent(last.offset, last.length + e.length, last.kind)
+        else:
+            out.append(e)
+    return out
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def is_zero(data) -> bool:
+    """True if every byte of data is zero. Cheap for the common non-zero case."""
+    n = len(data)
+    if n == 0:
+        return True
+    if data[0] or data[-1]:
+        return False
+    mv = memoryview(data)
+    for start in range(0, n, len(_ZEROS)):
+        chunk = mv[start:start + len(_ZEROS)]
+        if chunk != _ZEROS[:len(chunk)]:
+            return False
+    return True

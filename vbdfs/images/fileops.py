@@ -1,0 +1,95 @@
+"""Linux file primitives the standard library lacks: punch hole, zero range, SEEK_DATA runs."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) keeping the size. False if unsupported."""
+    if length <= 0:
+        return True
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
+
+
+def data_runs(fd: int, start: int, end: int):
+    """Yield (offset, length) of the data runs of fd within [start, end).
+
+    Uses SEEK_DATA/SEEK_HOLE; a filesystem without them reports all data,
+    which is correct, only not sparse.
+    """
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:   # no data after pos
+                return
+            if e.errno == errno.EINVAL:  # no SEEK_DATA support
+                yield pos, end - pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def allocated_bytes(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """pread that retries short reads; pads with zeros past end of file."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            parts.append(bytes(length - got))
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_full(fd: int, data, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,10 @@
+"""The instance store: directories, manifests, locks and path safety."""
+
+from .manifest import Disk, Manifest, ManifestError, MANIFEST, FORMATS, DRIVERS
+from .names import InvalidName, check_instance_name, disk_name, disk_index
+from .paths import UnsafePath
+from .store import DiskSpec, Store, StoreError
+
+__all__ = ["Disk", "Manifest", "ManifestError", "MANIFEST", "FORMATS", "DRIVERS",
+           "InvalidName", "check_instance_name", "disk_name", "disk_index",
+           "UnsafePath", "DiskSpec", "Store", "StoreError"]
