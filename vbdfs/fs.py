@@ -1,0 +1,361 @@
+"""The vbdfs filesystem: the store seen as raw block devices.
+
+    /                      one directory per instance in the store
+    /INSTANCE/             one file per disk
+    /INSTANCE/sda          the disk's virtual contents, whatever its format
+
+This module only translates FUSE requests into store and Image calls. Image
+methods are synchronous and called straight from the handlers: on a 2-core
+Dom0 that beat handing each request to a thread (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from .images import Image, ImageError, OutOfRange, ReadOnlyImage, open_image
+from .store import Manifest, ManifestError, Store, StoreError
+from .store.names import InvalidName
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+# Short caches so instances created or removed by vbdctl show up quickly.
+ATTR_TIMEOUT = 1.0
+XATTR_FORMAT = b"user.vbdfs.format"
+XATTR_LOGICAL_ID = b"user.vbdfs.logical_id"
+XATTR_ALLOCATED = b"user.vbdfs.allocated"
+XATTRS = (XATTR_FORMAT, XATTR_LOGICAL_ID, XATTR_ALLOCATED)
+
+
+class OpenDisk:
+    """One Image shared by every open file handle of a disk."""
+
+    __slots__ = ("image", "opens", "writable")
+
+    def __init__(self, image: Image, writable: bool):
+        self.image = image
+        self.opens = 0
+        self.writable = writable
+
+
+class VbdFs(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store):
+        super().__init__()
+        self.store = store
+        self._inode_of: dict[tuple, int] = {(): ROOT}
+        self._key_of: dict[int, tuple] = {ROOT: ()}
+        self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
+        self._open: dict[int, OpenDisk] = {}      # fh (= disk inode) -> OpenDisk
+        self._root_stat = os.stat(store.root)
+
+    # --- inodes and manifests -------------------------------------------
+    def _inode(self, key: tuple) -> int:
+        ino = self._inode_of.get(key)
+        if ino is None:
+            ino = len(self._key_of) + ROOT
+            self._inode_of[key] = ino
+            self._key_of[ino] = key
+        return ino
+
+    def _key(self, inode: int) -> tuple:
+        try:
+            return self._key_of[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _manifest(self, name: str) -> Manifest:
+        """The instance's manifest, re-read when the file changes; ENOENT if unusable."""
+        try:
+            path = self.store.manifest_path(name)
+            st = os.stat(path)
+        except (InvalidName, FileNotFoundError, NotADirectoryError):
+            self._manifests.pop(name, None)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._manifests.get(name)
+        if cached is None or cached[0] != key:
+            try:
+                value = self.store.load(name)
+            except (ManifestError, StoreError, OSError) as e:
+                value = str(e)
+                # Logged once per version of the file; the mount serves the others.
+                log.error("instance %s skipped: %s", name, value)
+            cached = self._manifests[name] = (key, value)
+        if isinstance(cached[1], str):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return cached[1]
+
+    def _disk(self, key: tuple):
+        name, disk = key
+        try:
+            return self._manifest(name).disk(disk)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    # --- attributes ------------------------------------------------------
+    def _dir_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        st = self._root_stat
+        a.st_ino = inode
+        a.st_mode = stat.S_IFDIR | 0o700
+        a.st_nlink = 2
+        a.st_uid = a.st_gid = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = st.st_mtime_ns
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        return a
+
+    def _disk_attr(self, inode: int, key: tuple) -> pyfuse3.EntryAttributes:
+        disk = self._disk(key)
+        try:
+            st = os.stat(disk.path)
+        except FileNotFoundError:
+            log.error("instance %s disk %s: image file %s is missing", key[0], key[1], disk.path)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        od = self._open.get(inode)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_mode = stat.S_IFREG | 0o600
+        a.st_nlink = 1
+        a.st_uid = a.st_gid = 0
+        a.st_size = od.image.size if od else disk.size
+        a.st_blocks = st.st_blocks          # the real allocation: du tells the truth
+        a.st_blksize = 4096
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        return a
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        key = self._key(inode)
+        if len(key) == 2:
+            return self._disk_attr(inode, key)
+        if len(key) == 1:
+            self._manifest(key[0])
+        return self._dir_attr(inode)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        key = self._key(parent_inode)
+        name = os.fsdecode(name)
+        if len(key) == 0:
+            self._manifest(name)
+            child = (name,)
+        elif len(key) == 1:
+            child = (key[0], name)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._attr(self._inode(child))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        key = self._key(inode)
+        current = self._attr(inode)
+        if fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
+            # A disk's size changes only through `vbdctl grow`: O_TRUNC or
+            # ftruncate from a careless tool must not destroy a disk.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return current   # times follow the backing file; touch is harmless
+
+    # --- directories -----------------------------------------------------
+    async def opendir(self, inode, ctx):
+        key = self._key(inode)
+        if len(key) == 2:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        key = self._key(fh)
+        if len(key) == 0:
+            names = []
+            for name in self.store.instances():
+                try:
+                    self._manifest(name)
+                except pyfuse3.FUSEError:
+                    continue
+                names.append((name,))
+        else:
+            names = [(key[0], d.name) for d in self._manifest(key[0]).disks]
+        for i in range(start_id, len(names)):
+            child = names[i]
+            try:
+                attr = self._attr(self._inode(child))
+            except pyfuse3.FUSEError:
+                continue
+            if not pyfuse3.readdir_reply(token, os.fsencode(child[-1]), attr, i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        sv = os.statvfs(self.store.root)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize, s.f_frsize = sv.f_bsize, sv.f_frsize
+        s.f_blocks, s.f_bfree, s.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+        s.f_files, s.f_ffree, s.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
+        s.f_namemax = 255
+        return s
+
+    # --- extended attributes --------------------------------------------
+    async def listxattr(self, inode, ctx):
+        return list(XATTRS) if len(self._key(inode)) == 2 else []
+
+    async def getxattr(self, inode, name, ctx):
+        key = self._key(inode)
+        if len(key) != 2 or name not in XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        disk = self._disk(key)
+        if name == XATTR_FORMAT:
+            return disk.format.encode()
+        if name == XATTR_LOGICAL_ID:
+            return json.dumps(disk.logical_id).encode()
+        od = self._open.get(inode)
+        allocated = od.image.allocated() if od else os.stat(disk.path).st_blocks * 512
+        return str(allocated).encode()
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # --- the namespace is the store's: no changes through the mount -------
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # --- disk I/O ----------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        key = self._key(inode)
+        if len(key) != 2:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:
+            # With atomic O_TRUNC the kernel passes it here instead of a setattr.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        od = self._open.get(inode)
+        if od is None or (writable and not od.writable):
+            image = self._open_image(key, writable)
+            if od is not None:       # upgrade a read-only Image to read-write
+                od.image.close()
+                od.image, od.writable = image, True
+            else:
+                od = self._open[inode] = OpenDisk(image, writable)
+        od.opens += 1
+        # keep_cache off: the image may have changed (convert, import) since last open.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=False)
+
+    def _open_image(self, key: tuple, writable: bool) -> Image:
+        disk = self._disk(key)
+        try:
+            image = open_image(disk.path, disk.format, read_only=not writable,
+                               **self._image_options(disk))
+        except FileNotFoundError:
+            log.error("instance %s disk %s: image file %s is missing", key[0], key[1], disk.path)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except PermissionError:
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except (ImageError, OSError) as e:
+            log.error("instance %s disk %s unavailable: %s", key[0], key[1], e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if image.size != disk.size:
+            log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "
+                        "serving the image's size", key[0], key[1], image.size, disk.size)
+        return image
+
+    def _image_options(self, disk) -> dict:
+        # Backing files of qcow2 images must stay inside the store.
+        return {"store_root": self.store.root} if disk.format == "qcow2" else {}
+
+    async def read(self, fh, off, size):
+        try:
+            return self._open[fh].image.read(off, size)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except ImageError as e:
+            log.error("read of %s failed: %s", self._key_of.get(fh), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def write(self, fh, off, buf):
+        image = self._open[fh].image
+        n = len(buf)
+        if off + n > image.size:
+            # A block device has no room past its end; the backing file never grows.
+            if off >= image.size:
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            n = image.size - off
+            buf = memoryview(buf)[:n]
+        try:
+            image.write(off, buf)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OutOfRange:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except ReadOnlyImage:
+            raise pyfuse3.FUSEError(errno.EROFS) from None
+        except ImageError as e:
+            log.error("write to %s failed: %s", self._key_of.get(fh), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return n
+
+    def _flush(self, fh: int) -> None:
+        try:
+            self._open[fh].image.flush()
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except ImageError as e:
+            log.error("flush of %s failed: %s", self._key_of.get(fh), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def flush(self, fh):
+        # close(): make everything written so far reach the backing file durably.
+        self._flush(fh)
+
+    async def fsync(self, fh, datasync):
+        self._flush(fh)
+
+    async def release(self, fh):
+        od = self._open[fh]
+        od.opens -= 1
+        if od.opens == 0:
+            del self._open[fh]
+            try:
+                od.image.close()
+            except (OSError, ImageError) as e:
+                log.error("closing %s failed: %s", self._key_of.get(fh), e)
+
+    def close_all(self) -> None:
+        """Flush and close every open image (at unmount)."""
+        for fh, od in list(self._open.items()):
+            try:
+                od.image.close()
+            except (OSError, ImageError) as e:
+                log.error("closing %s failed: %s", self._key_of.get(fh), e)
+        self._open.clear()
