@@ -269,8 +269,10 @@ class VbdFs(pyfuse3.Operations):
             else:
                 od = self._open[inode] = OpenDisk(image, writable)
         od.opens += 1
-        # keep_cache off: the image may have changed (convert, import) since last open.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=False)
+        # direct_io: no page cache in front of the disk (the backing file has
+        # one), and the kernel then skips its security.capability GETXATTR
+        # round trip before every write: 4 KiB random writes went 6k -> 10k IOPS.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=True)
 
     def _open_image(self, key: tuple, writable: bool) -> Image:
         disk = self._disk(key)

@@ -1,0 +1,1 @@
+"""What vbdctl does with instances: attach, Xen config, transfer, failover."""
