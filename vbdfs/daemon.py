@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from . import config as config_mod
+from . import fuseloop
 from .fs import VbdFs
 from .store import Store
 
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
         return 1
     if not args.foreground:
         daemonize()
+    fuseloop.install()
     log.info("serving %s at %s as node %s", store_dir, mountpoint, cfg.node)
     unmount = True
     try:

@@ -7,6 +7,7 @@
 This module only translates FUSE requests into store and Image calls. Image
 methods are synchronous and called straight from the handlers: on a 2-core
 Dom0 that beat handing each request to a thread (see DESIGN.md).
+The handlers never await; vbdfs/fuseloop.py relies on that.
 """
 
 from __future__ import annotations
