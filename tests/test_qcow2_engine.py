@@ -1,0 +1,237 @@
+"""The qcow2 engine called directly: semantics, sparseness, and a randomized model test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+
+import pytest
+
+from vbdfs.images import ImageError, Kind, OutOfRange, ReadOnlyImage, create_image, open_image
+from vbdfs.images.qcow2 import Qcow2Image
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def qemu_img(*args, check=True):
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
+                          check=check)
+
+
+def check_and_compare(path, model, tmp_path):
+    r = qemu_img("check", path, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(model)
+    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def img(tmp_path):
+    image = create_image(str(tmp_path / "disk.qcow2"), "qcow2", 256 * MiB)
+    yield image
+    image.close()
+
+
+def test_create_is_sparse_and_sized(img):
+    assert img.size == 256 * MiB
+    assert img.format == "qcow2"
+    assert img.allocated() <= 5 * 64 * KiB
+    assert img.extents() == [(0, 256 * MiB, Kind.HOLE)]
+    assert img.read(MiB, 4096) == bytes(4096)
+
+
+def test_create_refuses_existing_file_and_bad_options(tmp_path):
+    p = tmp_path / "d"
+    p.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        Qcow2Image.create(str(p), MiB)
+    assert p.read_bytes() == b"keep me"
+    for kw, match in [({"cluster_size": 1000}, "power of two"),
+                      ({"cluster_size": 4 * MiB}, "power of two"),
+                      ({"compat": "2.0"}, "unknown compat"),
+                      ({"backing_file": "x"}, "backing_format")]:
+        with pytest.raises(ImageError, match=match):
+            Qcow2Image.create(str(tmp_path / "n"), MiB, **kw)
+        assert not (tmp_path / "n").exists()
+    with pytest.raises(ImageError, match="multiple of 512"):
+        Qcow2Image.create(str(tmp_path / "n"), 1000)
+
+
+def test_create_with_refused_backing_leaves_nothing(tmp_path):
+    (tmp_path / "store").mkdir()
+    with pytest.raises(ImageError, match="outside the store"):
+        Qcow2Image.create(str(tmp_path / "store" / "n"), MiB, backing_file="../elsewhere",
+                          backing_format="raw", store_root=str(tmp_path / "store"))
+    assert not (tmp_path / "store" / "n").exists()
+
+
+def test_write_read_unaligned_and_reopen(img):
+    data = os.urandom(3 * 65536 + 17)
+    img.write(MiB - 5, data)
+    assert img.read(MiB - 5, len(data)) == data
+    assert img.read(MiB - 10, 5) == bytes(5)
+    img.close()
+    with open_image(img.path, "qcow2", read_only=True) as ro:
+        assert ro.read(MiB - 5, len(data)) == data
+        with pytest.raises(ReadOnlyImage):
+            ro.write(0, b"x")
+
+
+def test_out_of_range(img):
+    with pytest.raises(OutOfRange):
+        img.write(img.size - 1, b"ab")
+    with pytest.raises(OutOfRange):
+        img.zero(img.size, 1)
+    with pytest.raises(OutOfRange):
+        img.read(-1, 1)
+    assert img.read(img.size - 2, 10) == bytes(2)     # reads end short like a file
+    assert img.read(img.size, 10) == b""
+
+
+def test_all_zero_writes_allocate_nothing(img):
+    before = img.allocated()
+    for off, n in [(0, 64 * MiB), (100, 100), (4095, 2), (7 * MiB + 3, 70000)]:
+        img.write(off, bytes(n))
+    img.flush()
+    assert img.allocated() == before
+    assert img.extents() == [(0, img.size, Kind.HOLE)]
+
+
+def test_zero_frees_space_and_reads_zero(img):
+    img.write(0, b"\xff" * (8 * MiB))
+    img.flush()
+    assert img.allocated() >= 8 * MiB
+    img.zero(1000, 8 * MiB - 2000)          # unaligned edges keep their neighbours
+    img.flush()
+    got = img.read(0, 8 * MiB)
+    assert got[:1000] == b"\xff" * 1000 and got[-1000:] == b"\xff" * 1000
+    assert got[1000:-1000] == bytes(8 * MiB - 2000)
+    assert img.allocated() < MiB
+    kinds = [e.kind for e in img.extents(0, 8 * MiB)]
+    assert kinds == [Kind.DATA, Kind.ZERO, Kind.DATA]   # v3: zero flag on whole clusters
+
+
+def test_v2_zero_without_and_with_backing(tmp_path):
+    p = tmp_path / "v2.qcow2"
+    with Qcow2Image.create(str(p), 8 * MiB, compat="0.10", cluster_size=4096) as v2:
+        v2.write(0, b"\x01" * MiB)
+        v2.zero(4096, MiB - 8192)
+        assert [e.kind for e in v2.extents(0, 2 * MiB)] == [Kind.DATA, Kind.HOLE, Kind.DATA,
+                                                             Kind.HOLE]
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x02" * (2 * MiB))
+    ov = tmp_path / "ov.qcow2"
+    with Qcow2Image.create(str(ov), 8 * MiB, compat="0.10", cluster_size=4096,
+                           backing_file="base.raw", backing_format="raw") as img:
+        img.zero(4096, 8192)
+        img.write(3 * 4096, bytes(4096))        # all-zero write: same path
+        img.flush()
+        assert img.read(0, 5 * 4096) == b"\x02" * 4096 + bytes(3 * 4096) + b"\x02" * 4096
+        assert img.allocated() < 64 * KiB        # the zero clusters were not written
+    check_and_compare(ov, b"\x02" * 4096 + bytes(3 * 4096) + b"\x02" * (2 * MiB - 4 * 4096)
+                      + bytes(6 * MiB), tmp_path)
+
+
+def test_resize_grows_and_refuses_shrink(img):
+    img.write(0, b"abc")
+    img.resize(10 * 1024 * MiB)
+    assert img.size == 10 * 1024 * MiB
+    img.write(img.size - 3, b"end")
+    assert img.read(0, 3) == b"abc" and img.read(img.size - 3, 3) == b"end"
+    with pytest.raises(ImageError, match="shrinking"):
+        img.resize(MiB)
+    img.close()
+    with Qcow2Image(img.path, read_only=True) as ro:
+        assert ro.size == 10 * 1024 * MiB
+        assert ro.read(ro.size - 3, 3) == b"end"
+    assert qemu_img("check", img.path, check=False).returncode == 0
+
+
+def test_sequential_writes_are_contiguous(img):
+    chunk = os.urandom(MiB)
+    for i in range(32):
+        img.write(i * MiB, chunk)
+    img.close()
+    runs = json.loads(qemu_img("map", "--output=json", img.path).stdout)
+    data = [r for r in runs if r["data"]]
+    # 32 MiB of data in one host run (qemu merges runs with contiguous offsets)
+    assert len(data) == 1 and data[0]["length"] == 32 * MiB, data
+
+
+def test_l2_cache_is_bounded(tmp_path):
+    p = tmp_path / "c.qcow2"
+    model = bytearray(64 * MiB)
+    rng = random.Random(1)
+    with Qcow2Image.create(str(p), len(model), cluster_size=4096) as img:   # 2 MiB per L2
+        img._cache_max = 3
+        for _ in range(300):
+            off = rng.randrange(0, len(model) - 10000)
+            data = rng.randbytes(rng.randrange(1, 10000))
+            img.write(off, data)
+            model[off:off + len(data)] = data
+            assert len(img._cache) <= 3
+        assert img.read(0, len(model)) == model
+    check_and_compare(p, model, tmp_path)
+
+
+MODEL_VARIANTS = [("1.1", 512), ("1.1", 4096), ("1.1", 65536), ("0.10", 512),
+                  ("0.10", 65536)]
+
+
+@pytest.mark.parametrize("compat,cs", MODEL_VARIANTS)
+@pytest.mark.parametrize("backing", [False, True])
+def test_randomized_against_model(tmp_path, compat, cs, backing):
+    """Thousands of random writes, zeroes, reads, flushes and reopens against a bytearray."""
+    size = 64 * MiB
+    rng = random.Random(f"{compat}-{cs}-{backing}")
+    path = str(tmp_path / "m.qcow2")
+    kw = {}
+    model = bytearray(size)
+    if backing:
+        base = bytearray(rng.randbytes(8 * MiB)) + bytes(8 * MiB)   # 16 MiB, then nothing
+        base[2 * MiB:3 * MiB] = bytes(MiB)
+        (tmp_path / "base.raw").write_bytes(base)
+        model[:len(base)] = base
+        kw = {"backing_file": "base.raw", "backing_format": "raw"}
+    img = Qcow2Image.create(path, size, cluster_size=cs, compat=compat, **kw)
+    if cs == 512:
+        img._cache_max = 16         # force evictions of dirty tables too
+    try:
+        for step in range(3000):
+            r = rng.random()
+            big = rng.random() < 0.05
+            n = rng.randrange(1, 2 * MiB if big else 3 * cs + 100)
+            off = rng.randrange(0, size - n)
+            if rng.random() < 0.3:          # cluster aligned, to hit the whole-cluster paths
+                off -= off % cs
+            if r < 0.55:
+                data = rng.randbytes(n)
+                img.write(off, data)
+                model[off:off + n] = data
+            elif r < 0.65:
+                img.write(off, bytes(n))
+                model[off:off + n] = bytes(n)
+            elif r < 0.75:
+                img.zero(off, n)
+                model[off:off + n] = bytes(n)
+            elif r < 0.97:
+                assert img.read(off, n) == model[off:off + n], f"step {step}"
+            elif r < 0.99:
+                img.flush()
+            else:
+                img.close()
+                img = Qcow2Image(path)
+                if cs == 512:
+                    img._cache_max = 16
+        assert img.read(0, size) == model
+        ext = img.extents()
+        for e in ext:
+            if e.kind is not Kind.DATA:
+                assert model[e.offset:e.end] == bytes(e.length)
+    finally:
+        img.close()
+    check_and_compare(path, model, tmp_path)

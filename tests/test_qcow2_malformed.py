@@ -1,0 +1,243 @@
+"""Hostile qcow2 headers and tables: each refused with a clear ImageError, nothing changed.
+
+Images are made by qemu-img and then patched with struct, the way an attacker
+(or a bit flip) would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+
+import pytest
+
+from vbdfs.images import ImageError, ReadOnlyImage, open_image
+from vbdfs.images.qcow2 import Qcow2Image
+
+MiB = 1 << 20
+
+
+def qemu_img(*args):
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
+                          check=True)
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A qemu-made v3 image with some data: 64 KiB clusters, 16 MiB."""
+    path = tmp_path / "good.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, 16 * MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 128k", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
+def patched(good, tmp_path, name, *patches):
+    """A copy of the good image with (struct format, offset, value) patches applied."""
+    path = tmp_path / name
+    data = bytearray(good.read_bytes())
+    for fmt, off, value in patches:
+        struct.pack_into(fmt, data, off, value)
+    path.write_bytes(data)
+    return path
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_refused(path, match, **kw):
+    before = sha(path)
+    for read_only in (True, False):
+        with pytest.raises(ImageError, match=match) as exc:
+            Qcow2Image(str(path), read_only=read_only, **kw)
+        assert str(path) in str(exc.value)           # the message names the file
+    assert sha(path) == before                       # and nothing was changed
+
+
+def assert_good_still_opens(good):
+    with open_image(str(good), "qcow2") as img:
+        assert img.read(0, 4) == b"\x5a" * 4
+
+
+HEADER_CASES = [
+    ("huge_l1", [(">I", 36, 0x7FFFFFFF)], "L1 table too large"),
+    ("l1_unaligned", [(">Q", 40, 0x30000 + 512)], "L1 table offset .* not cluster aligned"),
+    ("l1_past_eof", [(">Q", 40, 1 << 40)], "L1 table .* outside the file"),
+    ("l1_too_small", [(">Q", 24, 1 << 50)], "L1 table too (small|large)"),
+    ("cluster_bits_8", [(">I", 20, 8)], "cluster_bits 8 out of range"),
+    ("cluster_bits_22", [(">I", 20, 22)], "cluster_bits 22 out of range"),
+    ("refcount_table_past_eof", [(">Q", 48, 1 << 40)], "refcount table .* outside the file"),
+    ("refcount_table_huge", [(">I", 56, 1 << 20)], "refcount table too large"),
+    ("refcount_table_unaligned", [(">Q", 48, 0x10000 + 8)], "refcount table .* aligned"),
+    ("unknown_incompat_bit", [(">Q", 72, 1 << 10)], "incompatible feature bit 10"),
+    ("external_data_file", [(">Q", 72, 1 << 2)], "external data file"),
+    ("zstd_compression", [(">Q", 72, 1 << 3), (">B", 104, 1)], "compression type"),
+    ("extended_l2", [(">Q", 72, 1 << 4)], "extended L2"),
+    ("encrypted_aes", [(">I", 32, 1)], "encrypt"),
+    ("encrypted_luks", [(">I", 32, 2)], "encrypt"),
+    ("bad_magic", [(">4s", 0, b"QFI\0")], "bad magic"),
+    ("version_4", [(">I", 4, 4)], "unsupported qcow2 version 4"),
+    ("version_1", [(">I", 4, 1)], "unsupported qcow2 version 1"),
+    ("header_length_short", [(">I", 100, 96)], "header_length"),
+    ("header_length_odd", [(">I", 100, 108)], "header_length"),
+    ("header_length_huge", [(">I", 100, 1 << 20)], "header_length"),
+    ("too_many_snapshots", [(">I", 60, 65537)], "too many snapshots"),
+    ("snapshots_unaligned", [(">I", 60, 1), (">Q", 64, 0x10000 + 8)], "snapshot table"),
+    ("snapshots_past_eof", [(">I", 60, 1), (">Q", 64, 1 << 40)], "snapshot table"),
+    ("backing_name_too_long", [(">Q", 8, 0x1000), (">I", 16, 2000)],
+     "backing file name too long"),
+    ("refcount_order_7", [(">I", 96, 7)], "refcount_order 7"),
+]
+
+
+@pytest.mark.parametrize("name,patches,match", HEADER_CASES, ids=[c[0] for c in HEADER_CASES])
+def test_bad_header_refused(good, tmp_path, name, patches, match):
+    path = patched(good, tmp_path, name, *patches)
+    assert_refused(path, match)
+    assert_good_still_opens(good)
+
+
+def test_truncated_files_refused(good, tmp_path):
+    for n in (0, 3, 50, 100):
+        path = tmp_path / f"short{n}"
+        path.write_bytes(good.read_bytes()[:n])
+        assert_refused(path, "too short|bad magic")
+    assert_good_still_opens(good)
+
+
+def test_backing_outside_store_refused(tmp_path, good):
+    store = tmp_path / "store"
+    (store / "inst").mkdir(parents=True)
+    path = store / "inst" / "sda"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "../../etc/shadow", "-F", "raw",
+             path, MiB)
+    assert_refused(path, r"backing file '\.\./\.\./etc/shadow' resolves to .* outside the store",
+                   store_root=str(store))
+    # absolute names and symlinks that leave the store are refused the same way
+    link = store / "inst" / "link"
+    os.symlink("/etc/hostname", link)
+    for i, name in enumerate(["/etc/hostname", "link"]):
+        p = store / "inst" / f"sd{i}"
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", p, MiB)
+        assert_refused(p, "outside the store", store_root=str(store))
+    assert_good_still_opens(good)
+
+
+def test_backing_missing_loop_and_depth(tmp_path, good):
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", a, MiB)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b, MiB)
+    assert_refused(a, "loops", store_root=str(tmp_path))
+    missing = tmp_path / "m.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "nowhere.raw", "-F", "raw", missing, MiB)
+    assert_refused(missing, "not found")
+    chain = tmp_path / "c0.raw"
+    chain.write_bytes(b"")
+    prev, fmt = chain.name, "raw"
+    for i in range(1, 18):
+        p = tmp_path / f"c{i}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", prev, "-F", fmt, p, MiB)
+        prev, fmt = p.name, "qcow2"
+        if i == 15:     # 15 qcow2 layers over a raw file: 16 images, the limit
+            with Qcow2Image(str(p), read_only=True) as img:
+                assert img.read(0, 10) == bytes(10)
+    assert_refused(tmp_path / "c17.qcow2", "deeper than 16")
+    assert_good_still_opens(good)
+
+
+def test_backing_format_never_guessed(tmp_path, good):
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"B" * 4096)
+    path = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", path, MiB)
+    # Rename the backing-format extension to an unknown type: the format is gone.
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack(">I", 0xE2792ACA))
+    struct.pack_into(">I", data, at, 0x0BADF00D)
+    path.write_bytes(data)
+    assert_refused(path, "format of backing file 'base.raw' is not recorded")
+    with Qcow2Image(str(path), read_only=True, backing_format="raw") as img:
+        assert img.read(0, 4096) == b"B" * 4096
+    # a backing format we do not know is refused by name
+    struct.pack_into(">I", data, at, 0xE2792ACA)
+    data[at + 8:at + 11] = b"vmd"
+    path.write_bytes(data)
+    assert_refused(path, "unsupported format 'vmd'")
+    assert_good_still_opens(good)
+
+
+def _l2_entry_offset(path):
+    data = path.read_bytes()
+    l1_off = struct.unpack_from(">Q", data, 40)[0]
+    l2_off = struct.unpack_from(">Q", data, l1_off)[0] & 0x00FFFFFFFFFFFE00
+    return l2_off
+
+
+@pytest.mark.parametrize("entry,match", [
+    ((1 << 63) | (1 << 40), "outside the file"),
+    ((1 << 63) | 0x50000 + 512, "invalid"),
+    ((1 << 63), "invalid"),
+])
+def test_bad_l2_entry_fails_at_access(good, tmp_path, entry, match):
+    l2 = _l2_entry_offset(good)
+    path = patched(good, tmp_path, "badl2", (">Q", l2, entry))
+    before = sha(path)
+    with Qcow2Image(str(path)) as img:      # opening is fine: tables are checked on use
+        with pytest.raises(ImageError, match=match):
+            img.read(0, 512)
+        with pytest.raises(ImageError, match=match):
+            img.write(100, b"x")
+        with pytest.raises(ImageError, match=match):
+            img.extents(0, 65536)
+        assert img.read(65536, 4) == b"\x5a" * 4     # the rest of the disk still works
+    assert sha(path) == before
+    assert_good_still_opens(good)
+
+
+def test_l2_entry_pointing_at_metadata_is_not_written(good, tmp_path):
+    data = good.read_bytes()
+    l1_off = struct.unpack_from(">Q", data, 40)[0]
+    l2 = _l2_entry_offset(good)
+    # guest cluster 0 "is" the L1 table: a write there would corrupt the image
+    path = patched(good, tmp_path, "overlap", (">Q", l2, (1 << 63) | l1_off))
+    before = sha(path)
+    with Qcow2Image(str(path)) as img:
+        with pytest.raises(ImageError, match="metadata"):
+            img.write(0, b"evil" * 128)
+    assert sha(path) == before
+
+
+def test_bad_l1_entry_fails_at_access(good, tmp_path):
+    l1_off = struct.unpack_from(">Q", good.read_bytes(), 40)[0]
+    path = patched(good, tmp_path, "badl1", (">Q", l1_off, (1 << 63) | (1 << 45)))
+    with Qcow2Image(str(path), read_only=True) as img:
+        with pytest.raises(ImageError, match="L1 entry 0"):
+            img.read(0, 512)
+
+
+def test_corrupt_and_dirty_bits_force_read_only(good, tmp_path):
+    for name, bit, why in [("corrupt", 2, "marked corrupt"), ("dirty", 1, "marked dirty")]:
+        path = patched(good, tmp_path, name, (">Q", 72, bit))
+        before = sha(path)
+        with Qcow2Image(str(path)) as img:
+            assert img.read_only
+            assert img.read(0, 4) == b"\x5a" * 4
+            with pytest.raises(ReadOnlyImage, match=why):
+                img.write(0, b"x")
+            with pytest.raises(ReadOnlyImage, match=why):
+                img.resize(32 * MiB)
+        assert sha(path) == before
+
+
+def test_other_refcount_widths_read_only(tmp_path):
+    path = tmp_path / "r32.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=32", path, MiB)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 4k", str(path)],
+                   check=True, capture_output=True)
+    with Qcow2Image(str(path)) as img:
+        assert img.read(0, 4096) == b"\x07" * 4096
+        with pytest.raises(ReadOnlyImage, match="32-bit refcounts"):
+            img.write(0, b"x")

@@ -1,0 +1,731 @@
+"""qcow2 images (versions 2 and 3), read and write.
+
+What this engine does, and the choices it makes:
+
+* Mapping: guest cluster -> L1 entry -> L2 table -> host cluster. L2 tables
+  are cached as native `array('Q')` in a bounded LRU; a dirty table is only
+  written by `flush()` (or by a flush forced when it would be evicted).
+* Allocation appends at the end of the file (see qcow2_refcount): sequential
+  writes get contiguous host clusters, fresh clusters read as zeros without
+  being written, and freed clusters are punched out, never reused by us.
+* Copy-on-write: a standard cluster without the COPIED flag (refcount > 1,
+  e.g. shared with an internal snapshot), a compressed cluster, a zero
+  cluster or an unallocated one gets a new cluster; the part of it the write
+  does not cover is filled from the old content, the backing file or, for
+  fresh clusters, left as the zeros it already reads as. L2 tables shared
+  with a snapshot are copied the same way.
+* Zeroing (`zero()` and all-zero writes): version 3 sets the zero flag on
+  whole clusters and frees their host clusters; version 2 unmaps them when
+  there is no backing file and maps a fresh (zero-reading) cluster otherwise.
+* Crash safety: `flush()` writes in this order, with an fsync after each
+  step: guest data + refcount blocks (increments only), refcount table (and
+  header if the table moved), L2 tables, L1 table (and header if it moved or
+  the size changed), then the decrements of clusters that are no longer
+  referenced. So on disk a refcount is never below its references, and a
+  crash at any point leaves at worst leaked clusters.
+* Refused at open (ImageError naming the feature): encryption, external data
+  file, non-zlib compression, extended L2 entries, unknown incompatible bits,
+  and every header value outside qemu's limits.
+* Opened read-only instead of writable (writes raise ReadOnlyImage saying
+  why): the corrupt bit; the dirty bit (refcounts may be stale and are not
+  rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
+  bits.
+* Unknown autoclear bits (e.g. bitmaps, which are not maintained here) are
+  cleared before the first write; unknown header fields and extensions are
+  kept because header rewrites only patch fixed fields.
+* Backing files: the name is resolved relative to the image's directory and,
+  with `store_root`, must resolve inside it. The format comes from the
+  backing-format header extension, or from the caller's `backing_format`
+  when the image has no such extension; it is never probed from content,
+  and an image with neither is refused. Chains are at most MAX_CHAIN deep
+  and loops are refused. Backing images are opened read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from array import array
+from collections import OrderedDict
+
+from . import qcow2_header as qh
+from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
+from .fileops import allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full
+from .qcow2_refcount import Refcounts, load_be, to_be
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1_RESERVED = 0x7F000000000001FF
+L2_RESERVED = 0x3F000000000001FE
+MAX_CHAIN = 16
+L2_CACHE_BYTES = 16 << 20
+
+# _map() kinds
+_DATA, _ZERO, _UNALLOC, _COMPRESSED = range(4)
+
+
+class _L2:
+    __slots__ = ("offset", "entries", "dirty")
+
+    def __init__(self, offset: int, entries: array, dirty: bool):
+        self.offset = offset
+        self.entries = entries
+        self.dirty = dirty
+
+
+class Qcow2Image(Image):
+    format = "qcow2"
+
+    def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
+                 backing_format: str | None = None, _chain: frozenset = frozenset()):
+        """Open an image. `backing_format` is used only when the image does not record
+        its backing file's format itself; `store_root` confines backing files."""
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.backing = None
+        try:
+            self._open(path, read_only, store_root, backing_format, _chain)
+        except BaseException:
+            self._close_files()
+            raise
+
+    def _open(self, path, read_only, store_root, backing_format, chain) -> None:
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path}: not a regular file")
+        head = os.pread(self.fd, 512, 0)
+        bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
+        cs = 1 << bits if qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS else 512
+        h = self.hdr = qh.Header(path, pread_full(self.fd, min(cs, st.st_size), 0)
+                                 if cs > 512 else head, st.st_size)
+        self.version = h.version
+        self.cluster_bits = bits = h.cluster_bits
+        self.cs = cs = h.cluster_size
+        self.l2_bits = bits - 3
+        self.l2_mask = (1 << self.l2_bits) - 1
+        self.read_only_reason = None
+        if h.incompatible_features & qh.INCOMPAT_CORRUPT:
+            self.read_only_reason = "the image is marked corrupt"
+        elif h.incompatible_features & qh.INCOMPAT_DIRTY:
+            self.read_only_reason = ("the image is marked dirty (refcounts may be stale; "
+                                     "repair with 'qemu-img check -r all')")
+        elif h.refcount_order != 4:
+            self.read_only_reason = (f"{1 << h.refcount_order}-bit refcounts are only "
+                                     f"supported read-only")
+        super().__init__(path, h.size, read_only or self.read_only_reason is not None)
+
+        self.l1 = load_be(self.fd, "Q", h.l1_size * 8, h.l1_table_offset)
+        self.l1_offset = h.l1_table_offset
+        self.l1_clusters = -(-h.l1_size * 8 // cs) if h.l1_table_offset else 0
+        self.l1_dirty = False
+        self._cache: OrderedDict[int, _L2] = OrderedDict()
+        self._cache_max = max(8, L2_CACHE_BYTES // cs)
+        self._cz = (None, b"")                 # last decompressed cluster
+        self._file_end = st.st_size
+        self._zeros = bytes(cs)
+        self._pending_free: list[int] = []     # clusters to decref after L1/L2 reach disk
+        self._hdr_fields: dict = {}            # header fields to write with the L1
+        self._dirty = False                    # anything written since the last flush
+        self._begun = False                    # autoclear bits handled
+        self.meta: set[int] = set()
+        self.rc = None
+        if not self.read_only:
+            self.meta.add(0)
+            first = self.l1_offset >> bits
+            self.meta.update(range(first, first + self.l1_clusters))
+            self.meta.update((e & OFFSET_MASK) >> bits for e in self.l1 if e & OFFSET_MASK)
+            self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
+                                h.refcount_table_clusters, st.st_size, self.meta)
+        if h.backing_file:
+            self.backing = self._open_backing(h, store_root, backing_format, chain)
+
+    def _open_backing(self, h, store_root, backing_format, chain) -> Image:
+        me = os.path.realpath(self.path)
+        name = h.backing_file
+        fmt = h.backing_format or backing_format
+        if fmt is None:
+            raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
+                             f"recorded in the image (no backing-format extension) and "
+                             f"was not given; refusing to guess it")
+        if fmt not in ("raw", "qcow2"):
+            raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
+                             f"format {fmt!r}")
+        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
+        if store_root is not None:
+            root = os.path.realpath(store_root)
+            if os.path.commonpath([root, target]) != root:
+                raise ImageError(f"{self.path}: backing file {name!r} resolves to {target}, "
+                                 f"outside the store {root}")
+        chain = chain | {me}
+        if target in chain:
+            raise ImageError(f"{self.path}: backing chain loops back to {target}")
+        if len(chain) >= MAX_CHAIN:
+            raise ImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN}")
+        if not os.path.isfile(target):
+            raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found")
+        try:
+            if fmt == "raw":
+                from .raw import RawImage
+                return RawImage(target, read_only=True)
+            return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
+        except (ImageError, OSError) as e:     # name the image the caller opened too
+            raise ImageError(f"{self.path}: backing file {name!r}: {e}") from None
+
+    # --- creation -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, size: int, cluster_size: int = 65536, compat: str = "1.1",
+               backing_file: str | None = None, backing_format: str | None = None,
+               store_root: str | None = None) -> "Qcow2Image":
+        """Create a new image (the file must not exist) and return it open for writing."""
+        if not isinstance(size, int) or size < 0 or size % 512:
+            raise ImageError(f"{path}: size {size!r} must be a non-negative multiple of 512")
+        bits = cluster_size.bit_length() - 1
+        if cluster_size != 1 << bits or not qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS:
+            raise ImageError(f"{path}: cluster size {cluster_size} must be a power of two "
+                             f"from 512 to 2 MiB")
+        versions = {"0.10": 2, "1.1": 3}
+        if compat not in versions:
+            raise ImageError(f"{path}: unknown compat {compat!r} (use 0.10 or 1.1)")
+        if backing_file and backing_format not in ("raw", "qcow2"):
+            raise ImageError(f"{path}: a backing file needs backing_format 'raw' or 'qcow2' "
+                             f"(formats are never guessed), got {backing_format!r}")
+        l1_size = qh.l1_entries_for(size, bits)
+        if l1_size * 8 > qh.MAX_L1_BYTES:
+            raise ImageError(f"{path}: size {size} needs an L1 table larger than qemu's limit")
+        l1c = max(1, -(-l1_size * 8 // cluster_size))
+        per_block = cluster_size // 2
+        nrb = rtc = 1
+        while True:      # blocks and table must also count themselves
+            total = 1 + rtc + nrb + l1c
+            need_rb = -(-total // per_block)
+            need_rtc = -(-need_rb * 8 // cluster_size)
+            if (need_rb, need_rtc) == (nrb, rtc):
+                break
+            nrb, rtc = need_rb, need_rtc
+        rt = array("Q", [(1 + rtc + i) << bits for i in range(nrb)])
+        rb = array("H", [1] * total)
+        l1_off = (1 + rtc + nrb) << bits
+        header = qh.build(bits, size, versions[compat], l1_off, l1_size, 1 << bits, rtc,
+                          backing_file, backing_format if backing_file else None)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            pwrite_full(fd, header, 0)
+            pwrite_full(fd, to_be(rt), 1 << bits)
+            pwrite_full(fd, to_be(rb), (1 + rtc) << bits)
+            os.ftruncate(fd, total << bits)     # the L1 table: zeros, left sparse
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        try:
+            return cls(path, store_root=store_root)
+        except BaseException:
+            os.unlink(path)     # e.g. the backing file is refused: leave nothing behind
+            raise
+
+    # --- mapping ----------------------------------------------------------------
+    def _l2(self, l1i: int) -> _L2 | None:
+        """The cached L2 table of L1 entry l1i, loading it; None if unallocated."""
+        t = self._cache.get(l1i)
+        if t is not None:
+            self._cache.move_to_end(l1i)
+            return t
+        e = self.l1[l1i]
+        off = e & OFFSET_MASK
+        if not off:
+            return None
+        if e & L1_RESERVED or off & (self.cs - 1) or off + self.cs > self._file_end:
+            raise ImageError(f"{self.path}: L1 entry {l1i} ({e:#x}) is invalid or points "
+                             f"outside the file")
+        t = _L2(off, load_be(self.fd, "Q", self.cs, off), False)
+        self._cache[l1i] = t
+        if len(self._cache) > self._cache_max:
+            self._evict()
+        return t
+
+    def _evict(self) -> None:
+        l1i, t = next(iter(self._cache.items()))
+        if t.dirty:
+            self._sync()        # write it (and everything it depends on) in order
+        del self._cache[l1i]
+
+    def _host(self, e: int, g: int) -> int:
+        """Host offset of a standard L2 entry, checked against the file."""
+        off = e & OFFSET_MASK
+        if e & L2_RESERVED or off & (self.cs - 1) or off >= self._file_end or (
+                not off and e & COPIED):
+            raise ImageError(f"{self.path}: L2 entry for guest offset {g << self.cluster_bits:#x} "
+                             f"({e:#x}) is invalid or points outside the file")
+        return off
+
+    def _kind(self, e: int, g: int) -> tuple[int, int]:
+        if not e:
+            return _UNALLOC, 0
+        if e & COMPRESSED:
+            return _COMPRESSED, e
+        if e & ZERO_FLAG:
+            if self.version < 3:
+                raise ImageError(f"{self.path}: zero cluster in a version 2 image "
+                                 f"(guest offset {g << self.cluster_bits:#x})")
+            if e & OFFSET_MASK:
+                self._host(e & ~ZERO_FLAG, g)
+            return _ZERO, 0
+        off = self._host(e, g)
+        return (_DATA, off) if off else (_UNALLOC, 0)
+
+    def _map(self, pos: int, end: int) -> tuple[int, int, int]:
+        """(kind, host offset or entry, length) of the longest uniform run at pos."""
+        bits = self.cluster_bits
+        g = pos >> bits
+        l1i = g >> self.l2_bits
+        tab_end = min(end, (l1i + 1) << (self.l2_bits + bits))
+        t = self._l2(l1i)
+        if t is None:
+            return _UNALLOC, 0, tab_end - pos
+        ents = t.entries
+        i = g & self.l2_mask
+        kind, host = self._kind(ents[i], g)
+        cs = self.cs
+        nxt = (g + 1) << bits
+        if kind == _DATA:
+            expect = host + cs
+            host += pos & (cs - 1)
+            while nxt < tab_end:
+                i += 1
+                g += 1
+                k2, h2 = self._kind(ents[i], g)
+                if k2 != _DATA or h2 != expect:
+                    break
+                expect += cs
+                nxt += cs
+        elif kind != _COMPRESSED:
+            while nxt < tab_end:
+                i += 1
+                g += 1
+                if self._kind(ents[i], g)[0] != kind:
+                    break
+                nxt += cs
+        return kind, host, min(nxt, tab_end) - pos
+
+    def _decompress(self, e: int, g: int) -> bytes:
+        if self._cz[0] == e:
+            return self._cz[1]
+        x = 62 - (self.cluster_bits - 8)
+        off = e & ((1 << x) - 1)
+        nsect = ((e >> x) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        nbytes = nsect * 512 - (off & 511)
+        if off >= self._file_end:
+            raise ImageError(f"{self.path}: compressed cluster for guest offset "
+                             f"{g << self.cluster_bits:#x} points outside the file")
+        try:
+            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, nbytes, off), self.cs)
+        except zlib.error as err:
+            raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
+                             f"{g << self.cluster_bits:#x}: {err}") from None
+        if len(out) != self.cs:
+            raise ImageError(f"{self.path}: compressed cluster at guest offset "
+                             f"{g << self.cluster_bits:#x} is truncated")
+        self._cz = (e, out)
+        return out
+
+    def _backing_read(self, pos: int, n: int) -> bytes:
+        if self.backing is None or pos >= self.backing.size:
+            return self._zeros[:n] if n <= self.cs else bytes(n)
+        data = self.backing.read(pos, n)
+        return data if len(data) == n else data + bytes(n - len(data))
+
+    # --- reading ---------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        length = self.clamp_read(offset, length)
+        if not length:
+            return b""
+        end = offset + length
+        kind, host, n = self._map(offset, end)
+        if n == length and kind == _DATA:           # the common case: one pread
+            data = os.pread(self.fd, n, host)
+            return data if len(data) == n else pread_full(self.fd, n, host)
+        parts = []
+        pos = offset
+        while True:
+            if kind == _DATA:
+                parts.append(pread_full(self.fd, n, host))
+            elif kind == _ZERO:
+                parts.append(bytes(n))
+            elif kind == _UNALLOC:
+                parts.append(self._backing_read(pos, n))
+            else:
+                inoff = pos & (self.cs - 1)
+                parts.append(self._decompress(host, pos >> self.cluster_bits)[inoff:inoff + n])
+            pos += n
+            if pos >= end:
+                return b"".join(parts)
+            kind, host, n = self._map(pos, end)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self.size - offset
+        self.check_range(offset, length)
+        out = []
+        pos, end = offset, offset + length
+        while pos < end:
+            kind, _, n = self._map(pos, end)
+            if kind == _UNALLOC:
+                out.extend(self._backing_extents(pos, n))
+            else:
+                out.append(Extent(pos, n, Kind.ZERO if kind == _ZERO else Kind.DATA))
+            pos += n
+        return merge_extents(out)
+
+    def _backing_extents(self, pos: int, n: int) -> list[Extent]:
+        b = self.backing
+        inside = 0 if b is None else max(0, min(n, b.size - pos))
+        out = b.extents(pos, inside) if inside else []
+        if inside < n:
+            out.append(Extent(pos + inside, n - inside, Kind.HOLE))
+        return out
+
+    def allocated(self) -> int:
+        return allocated_bytes(self.fd)
+
+    # --- writing -------------------------------------------------------------------
+    def check_writable(self) -> None:
+        if self.read_only:
+            why = self.read_only_reason or "image is open read-only"
+            raise ReadOnlyImage(f"{self.path}: read-only: {why}")
+        if not self._begun:
+            self._begin()
+
+    def _begin(self) -> None:
+        """Before the first change: drop autoclear bits we do not maintain (e.g. bitmaps)."""
+        if self.hdr.autoclear_features:
+            pwrite_full(self.fd, self.hdr.patch(autoclear_features=0), 0)
+            os.fsync(self.fd)
+        self._begun = True
+
+    def write(self, offset: int, data) -> None:
+        self.check_writable()
+        n = len(data)
+        self.check_range(offset, n)
+        if not n:
+            return
+        if is_zero(data):
+            self._zero(offset, n)
+        else:
+            self._write(offset, memoryview(data).cast("B"))
+
+    def zero(self, offset: int, length: int) -> None:
+        self.check_writable()
+        self.check_range(offset, length)
+        if length:
+            self._zero(offset, length)
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        self._dirty = True
+        pos, end = offset, offset + len(mv)
+        span = self.l2_bits + self.cluster_bits
+        while pos < end:
+            l1i = pos >> span
+            tab_end = min(end, (l1i + 1) << span)
+            self._write_table(self._l2_for_write(l1i), pos, tab_end, mv, offset)
+            pos = tab_end
+
+    def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int) -> None:
+        """Write mv[pos-base:end-base], which lies within the guest range of table t."""
+        bits, cs = self.cluster_bits, self.cs
+        ents = t.entries
+        fd = self.fd
+        while pos < end:
+            g = pos >> bits
+            i = g & self.l2_mask
+            e = ents[i]
+            run_end = min(end, (g + 1) << bits)
+            if e & (COPIED | COMPRESSED) == COPIED:        # ours alone: in place
+                host = self._host(e & ~ZERO_FLAG, g)
+                if e & ZERO_FLAG:   # preallocated zero cluster: rest must read zeros
+                    self._check_not_meta(host, 1, g)
+                    buf = bytearray(cs)
+                    lo = pos & (cs - 1)
+                    buf[lo:lo + run_end - pos] = mv[pos - base:run_end - base]
+                    pwrite_full(fd, buf, host)
+                    ents[i] = e & ~ZERO_FLAG
+                    t.dirty = True
+                    pos = run_end
+                    continue
+                j, expect = i + 1, host + cs
+                while run_end < end and expect < self._file_end and ents[j] & (
+                        COPIED | COMPRESSED | ZERO_FLAG | OFFSET_MASK) == COPIED | expect:
+                    run_end = min(end, run_end + cs)
+                    j += 1
+                    expect += cs
+                self._check_not_meta(host, j - i, g)
+                pwrite_full(fd, mv[pos - base:run_end - base], host + (pos & (cs - 1)))
+                pos = run_end
+                continue
+            # Needs new clusters: gather the run of clusters that all do.
+            j = i + 1
+            while run_end < end and ents[j] & (COPIED | COMPRESSED) != COPIED:
+                run_end = min(end, run_end + cs)
+                j += 1
+            k = j - i
+            h0 = self._alloc(k)
+            # Fills first: they read the old mapping, which stays valid until flush.
+            fills = []
+            lo = pos & (cs - 1)
+            if lo:
+                old = self._content(ents[i], g)
+                if old is not None:
+                    fills.append((old[:lo], h0))
+            hi = run_end & (cs - 1)
+            if hi:
+                if not (lo and k == 1):     # same cluster as the head: reuse its content
+                    old = self._content(ents[j - 1], g + k - 1)
+                if old is not None:
+                    fills.append((old[hi:], h0 + ((k - 1) << bits) + hi))
+            pwrite_full(fd, mv[pos - base:run_end - base], h0 + lo)
+            for buf, at in fills:
+                pwrite_full(fd, buf, at)
+            for x in range(k):
+                self._release(ents[i + x])
+                ents[i + x] = (h0 + (x << bits)) | COPIED
+            t.dirty = True
+            pos = run_end
+
+    def _check_not_meta(self, host: int, n: int, g: int) -> None:
+        first = host >> self.cluster_bits
+        for c in range(first, first + n):
+            if c in self.meta:
+                raise ImageError(f"{self.path}: L2 entry for guest offset "
+                                 f"{g << self.cluster_bits:#x} points at image metadata "
+                                 f"(cluster {c}); the image is corrupt")
+
+    def _content(self, e: int, g: int) -> bytes | None:
+        """Current content of guest cluster g (entry e); None when it reads as zeros."""
+        kind, host = self._kind(e, g)
+        if kind == _ZERO:
+            return None
+        if kind == _COMPRESSED:
+            return self._decompress(host, g)
+        if kind == _DATA:
+            return pread_full(self.fd, self.cs, host)
+        data = self._backing_read(g << self.cluster_bits, self.cs)
+        return None if self.backing is None or is_zero(data) else data
+
+    def _alloc(self, n: int) -> int:
+        c = self.rc.alloc(n)
+        self._file_end = max(self._file_end, self.rc.next_free << self.cluster_bits)
+        return c << self.cluster_bits
+
+    def _release(self, e: int) -> None:
+        """Queue the host clusters of a replaced entry for decref at the next flush."""
+        if not e:
+            return
+        bits = self.cluster_bits
+        if e & COMPRESSED:
+            x = 62 - (bits - 8)
+            off = (e & ((1 << x) - 1)) & ~511
+            nbytes = (((e >> x) & ((1 << (bits - 8)) - 1)) + 1) * 512
+            self._pending_free.extend(range(off >> bits, ((off + nbytes - 1) >> bits) + 1))
+        elif e & OFFSET_MASK:
+            self._pending_free.append((e & OFFSET_MASK) >> bits)
+
+    def _l2_for_write(self, l1i: int) -> _L2:
+        """The L2 table of l1i, allocated or copied (if shared) so that it can be changed."""
+        t = self._l2(l1i)
+        e = self.l1[l1i]
+        if t is not None and e & COPIED:
+            return t
+        host = self._alloc(1)
+        self.meta.add(host >> self.cluster_bits)
+        if t is None:
+            t = _L2(host, array("Q", bytes(self.cs)), True)
+            self._cache[l1i] = t
+            if len(self._cache) > self._cache_max:
+                self._evict()
+        else:   # shared with a snapshot: copy on write
+            self._pending_free.append(t.offset >> self.cluster_bits)
+            t.offset, t.entries, t.dirty = host, array("Q", t.entries), True
+        self.l1[l1i] = host | COPIED
+        self.l1_dirty = True
+        return t
+
+    # --- zeroing ---------------------------------------------------------------------
+    def _zero(self, offset: int, length: int) -> None:
+        self._dirty = True
+        bits, cs = self.cluster_bits, self.cs
+        pos, end = offset, offset + length
+        while pos < end:
+            g = pos >> bits
+            cend = (g + 1) << bits
+            if pos & (cs - 1) or end < cend:        # partial cluster: write zeros
+                seg = min(end, cend) - pos
+                if not self._reads_zero(g):
+                    self._write(pos, memoryview(self._zeros)[:seg])
+                pos += seg
+                continue
+            l1i = g >> self.l2_bits
+            g_end = min(end >> bits, (l1i + 1) << self.l2_bits)
+            self._zero_clusters(l1i, g, g_end)
+            pos = g_end << bits
+
+    def _reads_zero(self, g: int) -> bool:
+        t = self._l2(g >> self.l2_bits)
+        e = t.entries[g & self.l2_mask] if t is not None else 0
+        if not e:
+            return self.backing is None or (g << self.cluster_bits) >= self.backing.size
+        return e & (COMPRESSED | ZERO_FLAG) == ZERO_FLAG
+
+    def _zero_clusters(self, l1i: int, g0: int, g1: int) -> None:
+        """Make whole guest clusters [g0, g1) of one L2 table read as zeros."""
+        mask = self.l2_mask
+        no_backing = self.backing is None
+        if self.version >= 3:
+            want = lambda e: ZERO_FLAG                           # noqa: E731
+        elif no_backing:
+            want = lambda e: 0                                   # noqa: E731
+        else:
+            want = None     # v2 over a backing file: map fresh clusters (they read zeros)
+        t = self._l2(l1i)
+        if t is None and no_backing:
+            return
+        if t is not None and want is not None and all(
+                t.entries[g & mask] == want(0) or (no_backing and not t.entries[g & mask])
+                for g in range(g0, g1)):
+            return          # already zero: do not dirty (or copy) the table
+        t = self._l2_for_write(l1i)
+        ents = t.entries
+        for g in range(g0, g1):
+            i = g & mask
+            e = ents[i]
+            if want is not None:
+                if e == ZERO_FLAG or (no_backing and not e):
+                    continue
+                self._release(e)
+                ents[i] = want(e)
+            elif e & (COPIED | COMPRESSED | ZERO_FLAG) == COPIED:
+                host = self._host(e, g)
+                self._check_not_meta(host, 1, g)
+                if not punch_hole(self.fd, host, self.cs):
+                    pwrite_full(self.fd, self._zeros, host)
+            else:
+                self._release(e)
+                ents[i] = self._alloc(1) | COPIED
+        t.dirty = True
+
+    # --- durability --------------------------------------------------------------------
+    def flush(self) -> None:
+        if not self.read_only and self.fd >= 0:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Write cached metadata in crash-safe order (see the module docstring)."""
+        rc, fd, bits = self.rc, self.fd, self.cluster_bits
+        dirty_l2 = [t for t in self._cache.values() if t.dirty]
+        if not (self._dirty or dirty_l2 or self.l1_dirty or self._hdr_fields
+                or self._pending_free or rc.dirty or rc.table_dirty):
+            return
+        old_rt = rc.grow_table_if_needed()
+        # 1. guest data and refcount increments (including new metadata clusters)
+        rc.extend_file()
+        rc.write_blocks()
+        os.fsync(fd)
+        # 2. the refcount table that points at any new refcount block
+        if rc.table_dirty:
+            rc.write_table()
+            os.fsync(fd)
+            if old_rt:
+                pwrite_full(fd, self.hdr.patch(refcount_table_offset=rc.table_offset,
+                                               refcount_table_clusters=rc.table_clusters), 0)
+                os.fsync(fd)
+                self._pending_free.extend(range(old_rt[0] >> bits,
+                                                (old_rt[0] >> bits) + old_rt[1]))
+        # 3. L2 tables, 4. the L1 table and the header fields that go with it
+        if dirty_l2:
+            for t in dirty_l2:
+                pwrite_full(fd, to_be(t.entries), t.offset)
+                t.dirty = False
+            os.fsync(fd)
+        if self.l1_dirty:
+            pwrite_full(fd, to_be(self.l1), self.l1_offset)
+            self.l1_dirty = False
+            os.fsync(fd)
+        if self._hdr_fields:
+            pwrite_full(fd, self.hdr.patch(**self._hdr_fields), 0)
+            self._hdr_fields = {}
+            os.fsync(fd)
+        # 5. only now drop the references that were replaced, and punch out the space
+        if self._pending_free:
+            freed = sorted(c for c in self._pending_free if rc.decref(c) == 0)
+            self._pending_free = []
+            rc.write_blocks()
+            os.fsync(fd)
+            for start, n in _runs(freed):
+                punch_hole(fd, start << bits, n << bits)
+        self._dirty = False
+
+    def resize(self, new_size: int) -> None:
+        self.check_writable()
+        if new_size < self.size:
+            raise ImageError(f"{self.path}: shrinking a disk is not supported "
+                             f"({self.size} -> {new_size} bytes)")
+        if new_size % 512:
+            raise ImageError(f"{self.path}: size {new_size} is not a multiple of 512")
+        if new_size == self.size:
+            return
+        need = qh.l1_entries_for(new_size, self.cluster_bits)
+        if need * 8 > qh.MAX_L1_BYTES:
+            raise ImageError(f"{self.path}: size {new_size} needs an L1 table larger than "
+                             f"qemu's limit")
+        fields = {"size": new_size}
+        if need > len(self.l1):
+            self.flush()    # the old L1 on disk must be complete before we copy it
+            self.l1.extend([0] * (need - len(self.l1)))
+            fields["l1_size"] = need
+            if need * 8 > self.l1_clusters * self.cs:   # move it to a bigger place
+                bits = self.cluster_bits
+                n = -(-need * 8 // self.cs)
+                host = self._alloc(n)
+                first = self.l1_offset >> bits
+                old = range(first, first + self.l1_clusters) if self.l1_offset else ()
+                self._pending_free.extend(old)  # decref'd after the header moves
+                self.meta.update(range(host >> bits, (host >> bits) + n))
+                self.l1_offset, self.l1_clusters = host, n
+                fields["l1_table_offset"] = host
+            self.l1_dirty = True
+        self._hdr_fields.update(fields)
+        self.size = new_size
+        self._sync()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _runs(clusters):
+    """Coalesce sorted cluster indices into (start, count) runs."""
+    start = prev = None
+    for c in clusters:
+        if prev is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = c
+    if start is not None:
+        yield start, prev - start + 1

@@ -1,0 +1,269 @@
+"""The qcow2 header: parse and validate an untrusted one, build a new one.
+
+Everything here treats the file as hostile (a guest or a downloaded image may
+have crafted it): every offset and size is checked against qemu's own limits
+before anything is read through it. Layout from qemu docs/interop/qcow2.rst.
+
+Header rewrites patch fixed fields in place (see `Header.patch`), so unknown
+v3 header fields (header_length > 104) and unknown header extensions survive
+every rewrite without this module having to understand them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .base import ImageError
+
+MAGIC = b"QFI\xfb"
+V2_LEN = 72
+V3_LEN = 104
+MIN_CLUSTER_BITS = 9            # 512 B
+MAX_CLUSTER_BITS = 21           # 2 MiB: qemu's implementation limit
+MAX_L1_BYTES = 32 << 20         # qemu's QCOW_MAX_L1_SIZE
+MAX_REFTABLE_BYTES = 8 << 20    # qemu's QCOW_MAX_REFTABLE_SIZE
+MAX_SNAPSHOTS = 65536
+SNAPSHOT_ENTRY_MIN = 40         # fixed part of one snapshot table entry
+MAX_BACKING_NAME = 1023
+
+# Incompatible feature bits.
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+_INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",
+                   3: "compression type (non-zlib)", 4: "extended L2 entries"}
+
+# Header extension types.
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+
+# Fixed fields a rewrite may change: name -> (struct format, byte offset).
+_FIELDS = {
+    "size": (">Q", 24),
+    "l1_size": (">I", 36),
+    "l1_table_offset": (">Q", 40),
+    "refcount_table_offset": (">Q", 48),
+    "refcount_table_clusters": (">I", 56),
+    "incompatible_features": (">Q", 72),
+    "autoclear_features": (">Q", 88),
+}
+
+_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+
+
+class Header:
+    """The parsed, validated header of one image. Attribute names follow the spec."""
+
+    def __init__(self, path: str, raw: bytes, file_size: int):
+        self.path = path
+        if len(raw) < V2_LEN:
+            self.fail("file too short for a qcow2 header")
+        (magic, self.version, self.backing_file_offset, self.backing_file_size,
+         self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+         self.l1_table_offset, self.refcount_table_offset,
+         self.refcount_table_clusters, self.nb_snapshots,
+         self.snapshots_offset) = _V2.unpack_from(raw, 0)
+        if magic != MAGIC:
+            self.fail("not a qcow2 image (bad magic)")
+        if self.version not in (2, 3):
+            self.fail(f"unsupported qcow2 version {self.version} (only 2 and 3)")
+        if self.version == 2:
+            self.incompatible_features = self.compatible_features = 0
+            self.autoclear_features = 0
+            self.refcount_order = 4
+            self.header_length = V2_LEN
+        else:
+            if len(raw) < V3_LEN:
+                self.fail("file too short for a version 3 header")
+            (self.incompatible_features, self.compatible_features,
+             self.autoclear_features, self.refcount_order,
+             self.header_length) = _V3.unpack_from(raw, V2_LEN)
+        self.file_size = file_size
+        self._validate(raw)
+        # The bytes this header occupies on disk; rewrites patch fields in it.
+        self.raw = bytearray(raw[:self.header_length])
+        self.extensions = self._parse_extensions(raw)
+        self.backing_file = self._backing_name(raw)
+
+    # --- validation ---------------------------------------------------------
+    def fail(self, why: str):
+        raise ImageError(f"{self.path}: {why}")
+
+    def _validate(self, raw: bytes) -> None:
+        if not MIN_CLUSTER_BITS <= self.cluster_bits <= MAX_CLUSTER_BITS:
+            self.fail(f"cluster_bits {self.cluster_bits} out of range "
+                      f"({MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})")
+        cs = self.cluster_size = 1 << self.cluster_bits
+        if self.version == 3:
+            if self.header_length < V3_LEN or self.header_length % 8:
+                self.fail(f"bad header_length {self.header_length} "
+                          f"(must be >= {V3_LEN} and a multiple of 8)")
+            if self.header_length > cs or self.header_length > len(raw):
+                self.fail(f"header_length {self.header_length} exceeds the first cluster")
+        self._check_features(raw)
+        if self.crypt_method != 0:
+            self.fail(f"encrypted images are not supported (crypt_method {self.crypt_method})")
+        if self.refcount_order > 6:
+            self.fail(f"refcount_order {self.refcount_order} is invalid (max 6)")
+        if self.size > (1 << 63) - 1:
+            self.fail(f"virtual size {self.size} is too large")
+
+        # L1 table: bounded, big enough for the virtual size, inside the file.
+        if self.l1_size * 8 > MAX_L1_BYTES:
+            self.fail(f"L1 table too large ({self.l1_size} entries, "
+                      f"qemu's limit is {MAX_L1_BYTES // 8})")
+        need = l1_entries_for(self.size, self.cluster_bits)
+        if self.l1_size < need:
+            self.fail(f"L1 table too small for the virtual size "
+                      f"({self.l1_size} entries, need {need})")
+        self._check_table("L1 table", self.l1_table_offset, self.l1_size * 8)
+
+        # Refcount table.
+        rt_bytes = self.refcount_table_clusters * cs
+        if rt_bytes > MAX_REFTABLE_BYTES:
+            self.fail(f"refcount table too large ({self.refcount_table_clusters} clusters, "
+                      f"qemu's limit is {MAX_REFTABLE_BYTES} bytes)")
+        if self.refcount_table_clusters == 0:
+            self.fail("image has no refcount table")
+        self._check_table("refcount table", self.refcount_table_offset, rt_bytes)
+
+        # Snapshot table: only bounds are checked; snapshots are not read.
+        if self.nb_snapshots > MAX_SNAPSHOTS:
+            self.fail(f"too many snapshots ({self.nb_snapshots}, max {MAX_SNAPSHOTS})")
+        self._check_table("snapshot table", self.snapshots_offset,
+                          self.nb_snapshots * SNAPSHOT_ENTRY_MIN)
+
+        # Backing file name: short, and inside the first cluster.
+        if self.backing_file_offset:
+            if self.backing_file_size > MAX_BACKING_NAME:
+                self.fail(f"backing file name too long ({self.backing_file_size} bytes, "
+                          f"max {MAX_BACKING_NAME})")
+            if self.backing_file_offset + self.backing_file_size > min(cs, len(raw)):
+                self.fail("backing file name lies outside the header cluster")
+
+    def _check_table(self, what: str, offset: int, nbytes: int) -> None:
+        if nbytes == 0:
+            return
+        if offset % self.cluster_size:
+            self.fail(f"{what} offset {offset:#x} is not cluster aligned")
+        if offset == 0 or offset + nbytes > self.file_size:
+            self.fail(f"{what} ({offset:#x}+{nbytes}) lies outside the file "
+                      f"(size {self.file_size})")
+
+    def _check_features(self, raw: bytes) -> None:
+        bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+        compression_type = raw[104] if self.header_length > 104 else 0
+        if compression_type and not bits & INCOMPAT_COMPRESSION:
+            self.fail(f"compression_type {compression_type} set without its feature bit")
+        if bits:
+            names = self._feature_names(raw)
+            first = (bits & -bits).bit_length() - 1
+            name = _INCOMPAT_NAMES.get(first) or names.get(first) or "unknown"
+            self.fail(f"unsupported incompatible feature bit {first} ({name}); "
+                      f"incompatible_features={self.incompatible_features:#x}")
+
+    def _feature_names(self, raw: bytes) -> dict[int, str]:
+        """Names of incompatible bits from the image's feature name table, for messages."""
+        names = {}
+        try:
+            for etype, data in self._parse_extensions(raw):
+                if etype == EXT_FEATURE_TABLE:
+                    for i in range(0, len(data) - 47, 48):
+                        if data[i] == 0:
+                            names[data[i + 1]] = data[i + 2:i + 48].rstrip(b"\0").decode(
+                                "ascii", "replace")
+        except ImageError:
+            pass
+        return names
+
+    # --- extensions and backing name -------------------------------------------
+    def _parse_extensions(self, raw: bytes) -> list[tuple[int, bytes]]:
+        if self.version == 2 and self.backing_file_offset and self.backing_file_offset < V2_LEN:
+            self.fail("backing file name overlaps the header")
+        out = []
+        pos = self.header_length
+        end = min(self.cluster_size, len(raw))
+        if self.backing_file_offset:
+            end = min(end, self.backing_file_offset)
+        while pos + 8 <= end:
+            etype, elen = struct.unpack_from(">II", raw, pos)
+            if etype == EXT_END:
+                break
+            data_end = pos + 8 + elen
+            if data_end > end:
+                self.fail(f"header extension {etype:#x} runs past the header area")
+            out.append((etype, bytes(raw[pos + 8:data_end])))
+            pos = pos + 8 + (elen + 7) // 8 * 8
+        return out
+
+    def _backing_name(self, raw: bytes) -> str | None:
+        if not self.backing_file_offset:
+            return None
+        name = raw[self.backing_file_offset:self.backing_file_offset + self.backing_file_size]
+        if not name or b"\0" in name:
+            self.fail("invalid backing file name")
+        try:
+            return name.decode()
+        except UnicodeDecodeError:
+            self.fail("backing file name is not valid UTF-8")
+
+    @property
+    def backing_format(self) -> str | None:
+        for etype, data in self.extensions:
+            if etype == EXT_BACKING_FORMAT:
+                return data.decode("ascii", "replace")
+        return None
+
+    # --- rewriting ---------------------------------------------------------------
+    def patch(self, **fields) -> bytes:
+        """Set fixed fields in the on-disk header bytes; return the bytes to write at 0.
+
+        Only named fields change: unknown header fields and extensions stay as
+        they were on disk.
+        """
+        for name, value in fields.items():
+            fmt, off = _FIELDS[name]
+            if off >= len(self.raw):
+                if value:
+                    raise ImageError(f"{self.path}: cannot set {name} in a version "
+                                     f"{self.version} header")
+                continue
+            struct.pack_into(fmt, self.raw, off, value)
+            setattr(self, name, value)
+        return bytes(self.raw)
+
+
+def l1_entries_for(size: int, cluster_bits: int) -> int:
+    """L1 entries needed to map `size` virtual bytes."""
+    per_l1 = 1 << (cluster_bits * 2 - 3)   # bytes mapped by one L2 table
+    return -(-size // per_l1)
+
+
+def build(cluster_bits: int, size: int, version: int, l1_offset: int, l1_size: int,
+          rt_offset: int, rt_clusters: int, backing_file: str | None = None,
+          backing_format: str | None = None) -> bytes:
+    """The first cluster of a new image: header, extensions, backing name."""
+    cs = 1 << cluster_bits
+    hlen = V2_LEN if version == 2 else V3_LEN
+    out = bytearray(_V2.pack(MAGIC, version, 0, 0, cluster_bits, size, 0, l1_size,
+                             l1_offset, rt_offset, rt_clusters, 0, 0))
+    if version == 3:
+        out += _V3.pack(0, 0, 0, 4, hlen)
+    if backing_format:
+        fmt = backing_format.encode()
+        out += struct.pack(">II", EXT_BACKING_FORMAT, len(fmt)) + fmt
+        out += bytes(-len(fmt) % 8)
+    out += struct.pack(">II", EXT_END, 0)
+    if backing_file:
+        name = backing_file.encode()
+        if len(name) > MAX_BACKING_NAME:
+            raise ImageError(f"backing file name too long ({len(name)} bytes)")
+        struct.pack_into(">QI", out, 8, len(out), len(name))
+        out += name
+    if len(out) > cs:
+        raise ImageError(f"header does not fit in one {cs}-byte cluster")
+    return bytes(out)

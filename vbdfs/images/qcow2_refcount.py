@@ -1,0 +1,181 @@
+"""qcow2 refcounts (16-bit only) and the cluster allocator.
+
+Refcount blocks are cached in memory and written by the image's flush, before
+any L2/L1 entry that points at a newly counted cluster (crash invariant: on
+disk a refcount is never lower than the number of references).
+
+Allocation only ever appends at the end of the file: a cluster handed out in
+this session has never been written, so it reads as zeros without a write,
+and a freed cluster cannot be reused while an old on-disk L2 entry might still
+point at it. Free space left by frees is punched out of the file instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from array import array
+
+from .base import ImageError
+from .fileops import pread_full, pwrite_full
+
+_SWAP = sys.byteorder == "little"    # on-disk tables are big endian
+
+
+def load_be(fd: int, typecode: str, nbytes: int, offset: int) -> array:
+    """Read a big-endian table into a native array."""
+    a = array(typecode, pread_full(fd, nbytes, offset))
+    if _SWAP:
+        a.byteswap()
+    return a
+
+
+def to_be(a: array) -> bytes:
+    if not _SWAP:
+        return a.tobytes()
+    b = array(a.typecode, a)
+    b.byteswap()
+    return b.tobytes()
+
+
+class Refcounts:
+    def __init__(self, fd: int, path: str, cluster_bits: int, table_offset: int,
+                 table_clusters: int, file_size: int, meta: set):
+        self.fd = fd
+        self.path = path
+        self.cluster_bits = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.per_block = self.cs // 2                    # 16-bit entries
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.table = load_be(fd, "Q", table_clusters * self.cs, table_offset)
+        self.capacity = len(self.table)                  # entries the on-disk table holds
+        self.blocks: dict[int, array] = {}
+        self.dirty: set[int] = set()
+        self.table_dirty = False
+        self.meta = meta                                 # cluster indices holding metadata
+        self.file_size = file_size
+        self.next_free = -(-file_size // self.cs)
+        for e in self.table:
+            if e:
+                meta.add(e >> cluster_bits)
+        meta.update(range(table_offset >> cluster_bits,
+                          (table_offset >> cluster_bits) + table_clusters))
+
+    # --- lookup ---------------------------------------------------------------
+    def _block(self, r: int) -> array | None:
+        b = self.blocks.get(r)
+        if b is not None:
+            return b
+        if r >= len(self.table) or not self.table[r]:
+            return None
+        off = self.table[r]
+        if off & (self.cs - 1) or off + self.cs > max(self.file_size, self.next_free * self.cs):
+            raise ImageError(f"{self.path}: refcount block {r} at {off:#x} is "
+                             f"unaligned or outside the file")
+        b = self.blocks[r] = load_be(self.fd, "H", self.cs, off)
+        return b
+
+    def get(self, cluster: int) -> int:
+        b = self._block(cluster // self.per_block)
+        return 0 if b is None else b[cluster % self.per_block]
+
+    # --- allocation -------------------------------------------------------------
+    def alloc(self, n: int) -> int:
+        """Reserve n contiguous fresh clusters at the end of the file; return the first index."""
+        while True:
+            start = self.next_free
+            end = start + n
+            missing = next((r for r in range(start // self.per_block,
+                                             (end - 1) // self.per_block + 1)
+                            if self._block(r) is None), None)
+            if missing is not None:
+                self._new_block(missing)
+                continue
+            busy = next((c for c in range(start, end) if self.get(c)), None)
+            if busy is not None:      # counted clusters past the end of file: skip them
+                self.next_free = busy + 1
+                continue
+            for c in range(start, end):
+                self._set(c, 1)
+            self.next_free = end
+            return start
+
+    def _new_block(self, r: int) -> None:
+        """Create the refcount block for range r at the end of the file."""
+        c = self.next_free
+        home = c // self.per_block
+        if home != r and self._block(home) is None:
+            self._new_block(home)      # the block's own cluster needs a counted home first
+            return
+        self.next_free = c + 1
+        while len(self.table) <= r:
+            self.table.append(0)
+        self.blocks[r] = array("H", bytes(self.cs))
+        self.table[r] = c << self.cluster_bits
+        self.table_dirty = True
+        self.meta.add(c)
+        self._set(c, 1)
+
+    def _set(self, cluster: int, value: int) -> None:
+        r = cluster // self.per_block
+        self.blocks[r][cluster % self.per_block] = value
+        self.dirty.add(r)
+
+    def decref(self, cluster: int) -> int:
+        b = self._block(cluster // self.per_block)
+        i = cluster % self.per_block
+        if b is None or b[i] == 0:
+            raise ImageError(f"{self.path}: refcount underflow at cluster {cluster} "
+                             f"(image is corrupt; run qemu-img check -r all)")
+        b[i] -= 1
+        self.dirty.add(cluster // self.per_block)
+        if b[i] == 0:
+            self.meta.discard(cluster)
+        return b[i]
+
+    # --- writing (called by the image's flush, in crash-safe order) -----------------
+    def grow_table_if_needed(self) -> tuple[int, int] | None:
+        """Move the table to a bigger place at the end of the file if it outgrew the old one.
+
+        Returns the old (offset, clusters) for the caller to free once the header
+        points at the new table.
+        """
+        if len(self.table) <= self.capacity:
+            return None
+        old = (self.table_offset, self.table_clusters)
+        per_cluster = self.cs // 8
+        clusters = -(-(len(self.table) * 2) // per_cluster)
+        start = self.alloc(clusters)
+        # alloc() may have created blocks (table entries) of its own; the
+        # doubling leaves room for them, but check rather than assume.
+        if len(self.table) > clusters * per_cluster:
+            raise ImageError(f"{self.path}: refcount table growth did not converge")
+        if clusters * self.cs > 8 << 20:
+            raise ImageError(f"{self.path}: refcount table would exceed 8 MiB")
+        self.table_offset = start << self.cluster_bits
+        self.table_clusters = clusters
+        self.capacity = clusters * per_cluster
+        self.meta.update(range(start, start + clusters))
+        self.table_dirty = True
+        return old
+
+    def write_blocks(self) -> bool:
+        for r in sorted(self.dirty):
+            pwrite_full(self.fd, to_be(self.blocks[r]), self.table[r])
+        wrote = bool(self.dirty)
+        self.dirty.clear()
+        return wrote
+
+    def write_table(self) -> None:
+        padded = array("Q", self.table)
+        padded.extend([0] * (self.capacity - len(padded)))
+        pwrite_full(self.fd, to_be(padded), self.table_offset)
+        self.table_dirty = False
+
+    def extend_file(self) -> None:
+        """Make the file cover every counted cluster, so no refcount points past its end."""
+        end = self.next_free * self.cs
+        if os.fstat(self.fd).st_size < end:
+            os.ftruncate(self.fd, end)
+        self.file_size = max(self.file_size, end)
