@@ -188,14 +188,14 @@ def test_data_survives_remount(store, mount):
         assert f.read(MiB) == data
 
 
-def test_fio_verify_at_queue_depth_16(store, mounted):
+def test_fio_verify_at_queue_depth_16(store, mounted, tmp_path):
     """Many requests in flight (the fast request loop's case): every block reads back."""
     make_instance(store, "web", 256 * MiB)
     r = subprocess.run(
         ["fio", "--name=verify", f"--filename={mounted.disk('web')}", "--rw=randwrite",
          "--bs=4k", "--iodepth=16", "--ioengine=libaio", "--direct=1", "--size=64M",
          "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0

@@ -1,0 +1,172 @@
+"""qcow2 disks served through the real mount as raw block devices."""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import GiB, MiB, make_instance, wait_for
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+
+def qemu_img(*args, check=True):
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check)
+
+
+def sha256_file(path, chunk=4 * MiB):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backing(store, name, disk="sda"):
+    return os.path.join(store.root, name, disk)
+
+
+def test_qcow2_disk_reads_writes_and_stays_valid(store, mounted):
+    make_instance(store, "web", GiB, fmt="qcow2")
+    path = mounted.disk("web")
+    assert os.path.getsize(path) == GiB
+    assert os.getxattr(path, "user.vbdfs.format") == b"qcow2"
+    chunks = [(0, os.urandom(MiB)), (123 * MiB + 4095, os.urandom(70000)), (GiB - 4096, os.urandom(4096))]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for off, data in chunks:
+            assert os.pwrite(fd, data, off) == len(data)
+        os.fsync(fd)
+        for off, data in chunks:
+            assert os.pread(fd, len(data), off) == data
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", GiB)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    # After fsync the image file alone holds everything: qemu-img agrees.
+    assert qemu_img("check", backing(store, "web")).returncode == 0
+    info = json.loads(qemu_img("info", "--output=json", "-U", backing(store, "web")).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == GiB
+    assert os.path.getsize(backing(store, "web")) < 4 * MiB + 2 * MiB   # sparse
+    raw = os.path.join(os.path.dirname(mounted.path), "web.raw")
+    qemu_img("convert", "-U", "-f", "qcow2", "-O", "raw", backing(store, "web"), raw)
+    assert sha256_file(raw) == sha256_file(path)
+
+
+def test_zeros_on_qcow2_allocate_nothing(store, mounted):
+    make_instance(store, "web", GiB, fmt="qcow2")
+    before = os.stat(backing(store, "web")).st_blocks
+    subprocess.run(["dd", "if=/dev/zero", f"of={mounted.disk('web')}", "bs=1M", "count=64",
+                    "conv=notrunc,fsync", "status=none"], check=True)
+    assert os.stat(backing(store, "web")).st_blocks - before < 256   # < 128 KiB of metadata
+    assert qemu_img("check", "-U", backing(store, "web")).returncode == 0
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10,cluster_size=4096",
+                                  "compat=1.1,cluster_size=65536,preallocation=metadata",
+                                  "compat=1.1,cluster_size=2097152"])
+def test_qemu_made_images_read_as_qemu_renders_them(store, mounted, tmp_path, opts):
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        for off in (0, 5 * MiB + 123, 40 * MiB):
+            f.seek(off)
+            f.write(os.urandom(300000))
+    make_instance(store, "web", 64 * MiB, fmt="qcow2")
+    os.unlink(backing(store, "web"))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), backing(store, "web"))
+    assert sha256_file(mounted.disk("web")) == sha256_file(src)
+
+
+def test_backing_chain_inside_the_store(store, mounted, tmp_path):
+    base = os.path.join(store.root, "base.qcow2")
+    qemu_img("create", "-f", "qcow2", base, "64M")
+    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 8M", base], check=True, capture_output=True)
+    make_instance(store, "web", 64 * MiB, fmt="qcow2")
+    os.unlink(backing(store, "web"))
+    qemu_img("create", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", backing(store, "web"))
+    with open(mounted.disk("web"), "r+b") as f:
+        assert f.read(4096) == b"\xab" * 4096      # falls through to the base
+        f.seek(4 * MiB)
+        f.write(b"overlay")
+    with open(mounted.disk("web"), "rb") as f:
+        f.seek(4 * MiB)
+        assert f.read(8) == b"overlay\xab"
+    assert qemu_img("check", backing(store, "web")).returncode == 0
+    # The base is untouched: the write went copy-on-write into the overlay.
+    out = subprocess.run(["qemu-io", "-r", "-c", "read -P 0xab 4M 4k", base],
+                         capture_output=True, text=True)
+    assert "Pattern verification failed" not in out.stdout and out.returncode == 0
+
+
+def test_backing_file_outside_the_store_is_refused(store, mounted, tmp_path):
+    outside = tmp_path / "secret.raw"
+    outside.write_bytes(b"secret" * 1000)
+    make_instance(store, "evil", 64 * MiB, fmt="qcow2")
+    make_instance(store, "good", MiB)
+    os.unlink(backing(store, "evil"))
+    qemu_img("create", "-f", "qcow2", "-b", str(outside), "-F", "raw", backing(store, "evil"),
+             "64M")
+    before = open(backing(store, "evil"), "rb").read()
+    with pytest.raises(OSError) as e:
+        open(mounted.disk("evil"), "rb").read(10)
+    assert e.value.errno == errno.EIO
+    with open(mounted.disk("good"), "r+b") as f:      # the others keep working
+        f.write(b"fine")
+    assert open(backing(store, "evil"), "rb").read() == before
+    assert "evil disk sda unavailable" in mounted.output()
+
+
+@pytest.mark.parametrize("patch", ["l1_size", "cluster_bits", "incompatible"])
+def test_malformed_qcow2_is_eio_and_others_serve(store, mounted, patch):
+    import struct
+    make_instance(store, "bad", 64 * MiB, fmt="qcow2")
+    make_instance(store, "good", MiB, fmt="qcow2")
+    with open(backing(store, "bad"), "r+b") as f:
+        if patch == "l1_size":
+            f.seek(36); f.write(struct.pack(">I", 0x7fffffff))
+        elif patch == "cluster_bits":
+            f.seek(20); f.write(struct.pack(">I", 22))
+        else:
+            f.seek(72); f.write(struct.pack(">Q", 1 << 40))
+    before = open(backing(store, "bad"), "rb").read()
+    for _ in range(2):
+        with pytest.raises(OSError) as e:
+            open(mounted.disk("bad"), "r+b")
+        assert e.value.errno == errno.EIO
+    with open(mounted.disk("good"), "r+b") as f:
+        f.write(b"fine")
+    assert open(backing(store, "bad"), "rb").read() == before
+
+
+def test_ext4_on_loop_over_qcow2_disk(store, mounted, tmp_path):
+    make_instance(store, "web", 2 * GiB, fmt="qcow2")
+    disk = mounted.disk("web")
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", disk],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    fsmnt = tmp_path / "fs"
+    fsmnt.mkdir()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
+        subprocess.run(["mount", loop, str(fsmnt)], check=True)
+        try:
+            subprocess.run(["cp", "-a", os.path.dirname(os.__file__) + "/email", str(fsmnt)],
+                           check=True)
+            (fsmnt / "big").write_bytes(os.urandom(16 * MiB))
+        finally:
+            subprocess.run(["umount", str(fsmnt)], check=True)
+        fsck = subprocess.run(["e2fsck", "-fn", loop], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+    assert mounted.stop() == 0       # close: every cached table reaches the file
+    check = qemu_img("check", backing(store, "web"), check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    raw = tmp_path / "web.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", backing(store, "web"), str(raw))
+    fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
