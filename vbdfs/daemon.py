@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         return 1
 
     setup_logging(args.foreground, opts["debug"])
-    ops = VbdFs(Store(store_dir, cfg.file_storage_paths))
+    ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node)
     fuse_options = set(pyfuse3.default_options) | opts["fuse"]
     fuse_options |= {f"fsname={store_dir}", "subtype=vbdfs"}
     if opts["debug"]:

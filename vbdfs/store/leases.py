@@ -1,0 +1,145 @@
+"""Write leases on disk images: one writer per image, across processes and nodes.
+
+A lease is a set of OFD byte-range locks on the image file, laid out the way
+qemu locks images (block/file-posix.c): byte 100+i is read-locked by whoever
+holds permission i, byte 200+i by whoever does not share permission i. So
+qemu-img and qemu-storage-daemon refuse to write an image vbdfs writes, vbdfs
+refuses one qemu writes, and two vbdfs daemons (nodes) exclude each other.
+OFD locks go away with the process that held them (a killed daemon's leases
+end with it), and NFS, CephFS and GlusterFS propagate them between hosts.
+
+Next to the locks, a record STORE/.vbdfs/leases/INSTANCE/DISK.json says who
+holds the lease (node, pid, since) for vbdctl's messages. The locks are the
+truth; a record whose locks are gone is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..images.fileops import fsync_dir
+from .locks import ofd_lock, ofd_test
+
+PERM_BASE = 100
+SHARED_BASE = 200
+# qemu's BLK_PERM_* bit numbers.
+CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 0, 1, 2, 3
+WRITER_PERMS = (CONSISTENT_READ, WRITE, WRITE_UNCHANGED)   # what a writer holds
+WRITER_UNSHARED = (WRITE, RESIZE)                           # what it lets nobody else do
+
+
+class LeaseBusy(Exception):
+    """Another process or node writes the image (or forbids writing it)."""
+
+
+class Lease:
+    def __init__(self, fd: int, record_path: str | None):
+        self.fd = fd
+        self.record_path = record_path
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        if self.record_path:
+            try:
+                os.unlink(self.record_path)
+            except FileNotFoundError:
+                pass
+        os.close(self.fd)        # drops every OFD lock of this descriptor
+        self.fd = -1
+
+
+def _conflicts(fd: int) -> list[str]:
+    """What others hold that a writer cannot live with (our own locks are ignored)."""
+    found = []
+    for i in WRITER_PERMS:
+        if not ofd_test(fd, exclusive=True, start=SHARED_BASE + i, length=1):
+            found.append(f"another process does not share permission {i}")
+    for i in WRITER_UNSHARED:
+        if not ofd_test(fd, exclusive=True, start=PERM_BASE + i, length=1):
+            found.append(f"another process holds permission {i}")
+    return found
+
+
+def record_path(state_dir: str, instance: str, disk: str) -> str:
+    return os.path.join(state_dir, instance, disk + ".json")
+
+
+def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
+            disk: str = "", node: str = "") -> Lease:
+    """Take a write lease on image_path, or raise LeaseBusy naming the holder."""
+    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # Lock first, then look for conflicts: of two racing writers at least
+        # one sees the other (qemu does the same).
+        for i in WRITER_PERMS:
+            ofd_lock(fd, exclusive=False, start=PERM_BASE + i, length=1)
+        for i in WRITER_UNSHARED:
+            ofd_lock(fd, exclusive=False, start=SHARED_BASE + i, length=1)
+        if _conflicts(fd):
+            who = describe_holder(state_dir, instance, disk) if state_dir else None
+            raise LeaseBusy(f"{image_path} is being written by "
+                            f"{who or 'another process (qemu?)'}")
+    except BaseException:
+        os.close(fd)
+        raise
+    path = None
+    if state_dir:
+        path = record_path(state_dir, instance, disk)
+        _write_record(path, {"node": node, "pid": os.getpid(), "since": int(time.time()),
+                             "image": image_path})
+    return Lease(fd, path)
+
+
+def _write_record(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def is_write_locked(image_path: str) -> bool:
+    """True if some process holds a writer's locks on the image (vbdfs or qemu)."""
+    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return not ofd_test(fd, exclusive=True, start=PERM_BASE + WRITE, length=1)
+    finally:
+        os.close(fd)
+
+
+def read_record(state_dir: str, instance: str, disk: str) -> dict | None:
+    try:
+        with open(record_path(state_dir, instance, disk)) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def holder(state_dir: str, instance: str, disk: str, image_path: str) -> dict | None:
+    """The live lease on a disk: its record if the locks are held, else None.
+
+    A lock held with no matching record is reported as {"node": None}: a
+    writer that is not vbdfs (qemu, or a vbdfs that lost its record).
+    """
+    try:
+        locked = is_write_locked(image_path)
+    except FileNotFoundError:
+        return None
+    if not locked:
+        return None
+    return read_record(state_dir, instance, disk) or {"node": None, "pid": None, "since": None}
+
+
+def describe_holder(state_dir: str, instance: str, disk: str) -> str | None:
+    rec = read_record(state_dir, instance, disk)
+    if not rec:
+        return None
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("since") or 0))
+    return f"vbdfs on node {rec.get('node')} (pid {rec.get('pid')}, since {since})"
