@@ -141,6 +141,7 @@ def test_malformed_qcow2_is_eio_and_others_serve(store, mounted, patch):
     with open(mounted.disk("good"), "r+b") as f:
         f.write(b"fine")
     assert open(backing(store, "bad"), "rb").read() == before
+    assert mounted.output().count("instance bad disk sda unavailable") == 1   # logged once
 
 
 def test_ext4_on_loop_over_qcow2_disk(store, mounted, tmp_path):

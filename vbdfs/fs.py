@@ -66,6 +66,7 @@ class VbdFs(pyfuse3.Operations):
         self._key_of: dict[int, tuple] = {ROOT: ()}
         self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
         self._open: dict[int, OpenDisk] = {}      # fh (= disk inode) -> OpenDisk
+        self._logged: set[tuple] = set()           # errors already logged once
         self._root_stat = os.stat(store.root)
 
     # --- inodes and manifests -------------------------------------------
@@ -315,7 +316,9 @@ class VbdFs(pyfuse3.Operations):
         except PermissionError:
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except (ImageError, OSError) as e:
-            log.error("instance %s disk %s unavailable: %s", key[0], key[1], e)
+            if (key, str(e)) not in self._logged:      # once, not at every open
+                self._logged.add((key, str(e)))
+                log.error("instance %s disk %s unavailable: %s", key[0], key[1], e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if image.size != disk.size:
             log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "

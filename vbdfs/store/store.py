@@ -13,13 +13,15 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
+import struct
 
-from ..images import ImageError, create_image
+from ..images import ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from . import paths
-from .locks import locked_file
-from .manifest import DRIVERS, FORMATS, MANIFEST, Disk, Manifest, ManifestError
-from .names import InvalidName, check_instance_name, disk_name
+from .locks import LockBusy, ofd_lock
+from .manifest import DRIVERS, FORMATS, MANIFEST, MAX_DISKS, Disk, Manifest, ManifestError
+from .names import InvalidName, check_instance_name, disk_index, disk_name
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,12 @@ class StoreError(Exception):
 
 @dataclasses.dataclass
 class DiskSpec:
-    size: int
-    format: str = "raw"
+    size: int | None           # None: adopt() takes the file's size
+    format: str | None = "raw"  # None: adopt() probes the file, once
     driver: str = "loop"
+
+
+RENAME_JOURNAL = f".{MANIFEST}.rename"   # the new manifest while a rename is under way
 
 
 class Store:
@@ -89,7 +94,11 @@ class Store:
             raise ManifestError(f"{path}: {e.strerror}") from None
         m = Manifest.from_json(text, where=path)
         if m.name != name:
-            raise ManifestError(f"{path}: names instance {m.name!r}, expected {name!r}")
+            hint = ""
+            if os.path.exists(os.path.join(os.path.dirname(path), RENAME_JOURNAL)):
+                hint = (f" (a rename was interrupted: {RENAME_JOURNAL} next to it holds the "
+                        "new manifest; move it over the manifest to finish the rename)")
+            raise ManifestError(f"{path}: names instance {m.name!r}, expected {name!r}{hint}")
         for d in m.disks:
             self.check_disk_path(name, d.name, d.path, where=path)
         return m
@@ -114,44 +123,80 @@ class Store:
 
     def save(self, manifest: Manifest) -> None:
         """Replace the manifest atomically. The caller holds the instance lock."""
-        path = self.manifest_path(manifest.name)
-        directory = os.path.dirname(path)
-        tmp = os.path.join(directory, f".{MANIFEST}.tmp.{os.getpid()}")
-        data = manifest.to_json().encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(directory)
+        write_atomic(self.manifest_path(manifest.name), manifest.to_json().encode())
 
     @contextlib.contextmanager
     def lock(self, name: str, wait: bool = True):
-        """Serialize changes to one instance (across processes and nodes)."""
+        """Serialize changes to one instance (across processes and nodes).
+
+        An OFD lock belongs to its open file: taking the same instance's lock
+        twice in one process blocks forever, so never nest lock(name).
+        """
         check_instance_name(name)
-        with locked_file(os.path.join(self.state_dir("locks"), name), wait=wait):
+        path = os.path.join(self.state_dir("locks"), name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                ofd_lock(fd, exclusive=True, wait=False)
+            except LockBusy:
+                if not wait:
+                    raise LockBusy(f"instance {name} is locked by another process") from None
+                log.warning("instance %s is locked by another process; waiting", name)
+                ofd_lock(fd, exclusive=True, wait=True)
             yield
+        finally:
+            os.close(fd)   # closing the only descriptor releases the OFD lock
+
+    @contextlib.contextmanager
+    def lock_many(self, *names: str):
+        """Several instances' locks, always taken in sorted order (no deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for name in sorted(set(names)):
+                stack.enter_context(self.lock(name))
+            yield
+
+    def image_options(self, fmt: str) -> dict:
+        # Backing files of qcow2 images must stay inside the store (as the daemon opens them).
+        return {"store_root": self.root} if fmt == "qcow2" else {}
+
+    def _check_root(self) -> None:
+        self.check_exists()
+        try:
+            paths.check_not_forbidden(self.root)
+        except paths.UnsafePath as e:
+            raise StoreError(f"store {self.root} refused: {e}") from None
+
+    def _data_dir(self, name: str, directory: str | None) -> str:
+        """Where the disk files go: STORE/NAME or, whitelisted, DIR/NAME."""
+        if directory is not None:
+            directory = paths.check_custom_dir(directory, self.whitelist_file)
+            if directory == self.root:
+                directory = None
+        return paths.join_below(directory or self.root, name)
+
+    @staticmethod
+    def _check_specs(name: str, disks) -> None:
+        for i, spec in enumerate(disks):
+            if spec.format is not None and spec.format not in FORMATS:
+                raise StoreError(f"instance {name} disk {i}: unknown format {spec.format!r}")
+            if spec.driver not in DRIVERS:
+                raise StoreError(f"instance {name} disk {i}: unknown driver {spec.driver!r}")
+            if spec.size is not None and spec.size <= 0:
+                raise StoreError(f"instance {name} disk {i}: size must be positive")
+        if len(disks) > MAX_DISKS:
+            raise StoreError(f"instance {name}: {len(disks)} disks, at most {MAX_DISKS}")
 
     # --- lifecycle -----------------------------------------------------
     def create(self, name: str, disks: list[DiskSpec], directory: str | None = None,
                os_name: str = "", primary: str = "", secondary: str = "") -> Manifest:
         """Create an instance with new sparse disks. On any error nothing is left behind."""
-        self.check_exists()
+        self._check_root()
         meta_dir = self.instance_dir(name)
-        if directory is not None:
-            directory = paths.check_custom_dir(directory, self.whitelist_file)
-            if directory == self.root:
-                directory = None
-        data_dir = paths.join_below(directory or self.root, name)
+        data_dir = self._data_dir(name, directory)
+        self._check_specs(name, disks)
         for i, spec in enumerate(disks):
-            if spec.format not in FORMATS:
-                raise StoreError(f"instance {name} disk {i}: unknown format {spec.format!r}")
-            if spec.driver not in DRIVERS:
-                raise StoreError(f"instance {name} disk {i}: unknown driver {spec.driver!r}")
-            if spec.size <= 0:
-                raise StoreError(f"instance {name} disk {i}: size must be positive")
+            if spec.size is None:
+                raise StoreError(f"instance {name} disk {i}: no size given")
         made: list[str] = []
         with self.lock(name):
             if os.path.lexists(meta_dir):
@@ -168,9 +213,12 @@ class Store:
                              secondary=secondary)
                 for i, spec in enumerate(disks):
                     path = os.path.join(data_dir, disk_name(i))
-                    create_image(path, spec.format, spec.size).close()
+                    fmt = spec.format or "raw"
+                    # Listed first: an engine can fail after creating the file (EFBIG),
+                    # and the directory is ours, fresh, so the name is no one else's.
                     made.append(path)
-                    m.disks.append(Disk(index=i, format=spec.format, driver=spec.driver,
+                    create_image(path, fmt, spec.size).close()
+                    m.disks.append(Disk(index=i, format=fmt, driver=spec.driver,
                                         size=spec.size, path=path))
                 self.save(m)
                 fsync_dir(self.root)
@@ -182,10 +230,122 @@ class Store:
                 raise
         return m
 
-    def remove(self, name: str) -> None:
-        """Delete the disk files, the manifest and the directories."""
+    def adopt(self, name: str, disks: list[DiskSpec] | None = None,
+              directory: str | None = None, os_name: str = "", primary: str = "",
+              secondary: str = "", driver: str = "loop") -> Manifest:
+        """Make an instance of disk files already in its directory (`reuse`).
+
+        The files must be named sda, sdb, ... by index, be regular files with
+        one link, and be the only entries there. With disks=None every sdX
+        found is adopted. A disk's format, if not given, is probed here, once,
+        and recorded; it is never probed again (a guest can write any header
+        into a raw disk). On error nothing changes: adopted files stay as they were.
+        """
+        self._check_root()
+        meta_dir = self.instance_dir(name)
+        data_dir = self._data_dir(name, directory)
+        if disks is not None:
+            self._check_specs(name, disks)
+        with self.lock(name):
+            if os.path.lexists(os.path.join(meta_dir, MANIFEST)):
+                raise StoreError(f"instance {name} already exists ({meta_dir})")
+            if data_dir != meta_dir and os.path.lexists(meta_dir):
+                raise StoreError(f"instance {name}: {meta_dir} already exists")
+            st = _lstat(data_dir)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"instance {name}: nothing to reuse: {data_dir} "
+                                 "is not a directory")
+            specs = self._adoptable(name, data_dir, disks, driver)
+            m = Manifest(name=name, disks=[], os=os_name, primary=primary, secondary=secondary)
+            for i, spec in enumerate(specs):
+                path = os.path.join(data_dir, disk_name(i))
+                fmt = spec.format or probe_format(path)
+                if spec.format == "raw" and _QCOW_MAGIC == _head(path, 4):
+                    log.warning("instance %s: reusing %s as raw, as asked, although it "
+                                "starts with a qcow header", name, path)
+                try:
+                    with open_image(path, fmt, read_only=True, **self.image_options(fmt)) as img:
+                        size = img.size
+                except (OSError, ImageError) as e:
+                    raise StoreError(f"instance {name}: cannot reuse {path} as {fmt}: {e}") \
+                        from None
+                if spec.size is not None and spec.size != size:
+                    raise StoreError(f"instance {name}: {path} is {size} bytes, "
+                                     f"but disk {i} was given as {spec.size}")
+                if size == 0:
+                    raise StoreError(f"instance {name}: {path} is empty")
+                m.disks.append(Disk(index=i, format=fmt, driver=spec.driver, size=size,
+                                    path=path))
+            made = meta_dir != data_dir
+            try:
+                if made:
+                    os.mkdir(meta_dir, 0o700)
+                self.save(m)
+                fsync_dir(self.root)
+            except BaseException:
+                _remove_quietly(os.path.join(meta_dir, MANIFEST))
+                if made:
+                    _remove_quietly(meta_dir)
+                raise
+        return m
+
+    @staticmethod
+    def _adoptable(name: str, data_dir: str, disks, driver: str) -> list[DiskSpec]:
+        """The specs to adopt, or StoreError naming every missing or misnamed file."""
+        found, misnamed = {}, []
+        for entry in sorted(os.listdir(data_dir)):
+            try:
+                index = disk_index(entry)
+            except InvalidName:
+                misnamed.append(entry)
+                continue
+            if index >= MAX_DISKS:
+                misnamed.append(entry)
+            else:
+                found[index] = entry
+        if disks is None:
+            count = 0
+            while count in found:
+                count += 1
+            disks = [DiskSpec(size=None, format=None, driver=driver)] * count
+        problems = []
+        if not disks:
+            problems.append(f"no disk files (sda, sdb, ...) in {data_dir}")
+        missing = [disk_name(i) for i in range(len(disks)) if i not in found]
+        if missing:
+            problems.append("missing " + ", ".join(os.path.join(data_dir, n) for n in missing))
+        extra = [found[i] for i in sorted(found) if i >= len(disks)]
+        if extra:
+            problems.append(f"not among the {len(disks)} disks to reuse: "
+                            + ", ".join(os.path.join(data_dir, n) for n in extra))
+        if misnamed:
+            problems.append("misnamed (disks must be named sda, sdb, ... by index): "
+                            + ", ".join(os.path.join(data_dir, n) for n in misnamed))
+        for i in range(len(disks)):
+            if i not in found:
+                continue
+            path = os.path.join(data_dir, found[i])
+            st = _lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                problems.append(f"{path} is not a regular file (symlinks and devices "
+                                "are not adopted)")
+            elif st.st_nlink != 1:
+                problems.append(f"{path} has {st.st_nlink} hard links; adopt only a file "
+                                "that nothing else names")
+        if problems:
+            raise StoreError(f"instance {name}: cannot reuse: " + "; ".join(problems))
+        return disks
+
+    def remove(self, name: str, check=None) -> None:
+        """Delete the disk files, the manifest and the directories.
+
+        check(manifest), if given, runs under the lock first and raises to refuse.
+        """
+        self._check_root()
         with self.lock(name):
             m = self.load(name)
+            if check is not None:
+                check(m)
             meta_dir = self.instance_dir(name)
             for d in m.disks:
                 _remove_quietly(d.path)
@@ -196,6 +356,192 @@ class Store:
                 _remove_quietly(d)
             fsync_dir(self.root)
 
+    def rename(self, old: str, new: str, check=None) -> Manifest:
+        """Rename an instance: its directories (store and custom) and manifest.
+
+        Both locks are held, in sorted order. Each directory rename is atomic;
+        the commit point is the rename of STORE/OLD to STORE/NEW, after which
+        the new manifest (written beforehand as RENAME_JOURNAL) replaces the
+        old. A failure before the commit undoes the directory renames.
+        """
+        self._check_root()
+        check_instance_name(new)
+        if old == new:
+            raise StoreError(f"instance {old}: the new name is the same")
+        with self.lock_many(old, new):
+            m = self.load(old)
+            if check is not None:
+                check(m)
+            old_meta, new_meta = self.instance_dir(old), self.instance_dir(new)
+            if os.path.lexists(new_meta):
+                raise StoreError(f"cannot rename {old} to {new}: {new_meta} already exists")
+            moves = []
+            for src in sorted({os.path.dirname(d.path) for d in m.disks} - {old_meta}):
+                parent = paths.check_custom_dir(os.path.dirname(src), self.whitelist_file)
+                dst = paths.join_below(parent, new)
+                if os.path.lexists(dst):
+                    raise StoreError(f"cannot rename {old} to {new}: {dst} already exists")
+                moves.append((src, dst))
+            where = {src: dst for src, dst in moves}
+            where[old_meta] = new_meta
+            new_m = Manifest(name=new, os=m.os, primary=m.primary, secondary=m.secondary,
+                             disks=[dataclasses.replace(d, path=os.path.join(
+                                 where[os.path.dirname(d.path)], d.name)) for d in m.disks])
+            journal = os.path.join(old_meta, RENAME_JOURNAL)
+            write_atomic(journal, new_m.to_json().encode())
+            done = []
+            try:
+                for src, dst in moves + [(old_meta, new_meta)]:
+                    os.rename(src, dst)
+                    done.append((src, dst))
+            except BaseException as e:
+                for src, dst in reversed(done):
+                    os.rename(dst, src)
+                _remove_quietly(journal)
+                if isinstance(e, OSError):
+                    raise StoreError(f"cannot rename {old} to {new}: {e}") from None
+                raise
+            os.rename(os.path.join(new_meta, RENAME_JOURNAL), os.path.join(new_meta, MANIFEST))
+            fsync_dir(new_meta)
+            for d in {self.root} | {os.path.dirname(dst) for _, dst in moves}:
+                fsync_dir(d)
+        return new_m
+
+    def grow(self, name: str, disk, new_size: int | None = None, growth: int | None = None,
+             check=None) -> Disk:
+        """Grow one disk to new_size bytes, or by growth bytes (never shrink).
+
+        The image grows first and the manifest after, so a crash in between
+        leaves an image larger than the manifest says, which the daemon
+        tolerates (it serves the image's size).
+        """
+        self._check_root()
+        with self.lock(name):
+            m = self.load(name)
+            try:
+                d = m.disk(disk)
+            except KeyError:
+                raise StoreError(f"instance {name} has no disk {disk} (it has "
+                                 f"{', '.join(x.name for x in m.disks) or 'none'})") from None
+            if (new_size is None) == (growth is None):
+                raise ValueError("give new_size or growth")
+            if growth is not None:
+                if growth <= 0:
+                    raise StoreError(f"instance {name} disk {d.name}: growth must be positive")
+                new_size = d.size + growth
+            if new_size < d.size:
+                raise StoreError(f"instance {name} disk {d.name}: cannot shrink from "
+                                 f"{d.size} to {new_size} bytes")
+            if new_size == d.size:
+                raise StoreError(f"instance {name} disk {d.name} is already {d.size} bytes")
+            if check is not None:
+                check(m)
+            try:
+                with open_image(d.path, d.format, **self.image_options(d.format)) as img:
+                    if img.size < new_size:
+                        img.resize(new_size)
+                        img.flush()
+            except (OSError, ImageError) as e:
+                raise StoreError(f"instance {name} disk {d.name}: {e}") from None
+            d.size = new_size
+            self.save(m)
+        return d
+
+    def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
+                      primary: str = "", secondary: str = "") -> Manifest:
+        """Create an instance whose disk files fill(staged_dir) writes (import).
+
+        fill runs under the instance's lock with a fresh hidden directory next
+        to the data directory (same filesystem; a dot name is never an
+        instance) and returns one DiskSpec (size, format, driver) per file
+        sda, sdb, ... it made there. The directory then becomes the data
+        directory and the manifest is written last, so no half-made instance
+        is ever listed; on any error everything is removed.
+        """
+        import shutil
+        import tempfile
+        self._check_root()
+        meta_dir = self.instance_dir(name)
+        data_dir = self._data_dir(name, directory)
+        with self.lock(name):
+            def check_free():
+                for d in {meta_dir, data_dir}:
+                    if os.path.lexists(d):
+                        raise StoreError(f"instance {name} already exists ({d})")
+            check_free()
+            staged = tempfile.mkdtemp(prefix=f".{name}.staged-", dir=os.path.dirname(data_dir))
+            made: list[str] = []
+            try:
+                disks = fill(staged)
+                self._check_specs(name, disks)
+                check_free()
+                os.rename(staged, data_dir)
+                made.append(data_dir)
+                if meta_dir != data_dir:
+                    os.mkdir(meta_dir, 0o700)
+                    made.append(meta_dir)
+                m = Manifest(name=name, os=os_name, primary=primary, secondary=secondary,
+                             disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
+                                         path=os.path.join(data_dir, disk_name(i)))
+                                    for i, s in enumerate(disks)])
+                self.save(m)
+                for d in {self.root, os.path.dirname(data_dir)}:
+                    fsync_dir(d)
+            except BaseException as e:
+                _remove_quietly(os.path.join(meta_dir, MANIFEST))
+                for d in [staged] + made:
+                    shutil.rmtree(d, ignore_errors=True)
+                if isinstance(e, (OSError, ImageError)):
+                    raise StoreError(f"instance {name}: {e}") from None
+                raise
+        return m
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace path with data: write a temp file, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _remove_quietly(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(directory)
+
+
+_QCOW_MAGIC = b"QFI\xfb"
+
+
+def _head(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def probe_format(path: str) -> str:
+    """'qcow2' or 'raw' from the file's header. Only for adoption: the result is
+    recorded in the manifest and the file is never probed again."""
+    head = _head(path, 8)
+    if head[:4] == _QCOW_MAGIC:
+        version = struct.unpack(">I", head[4:8])[0] if len(head) == 8 else 0
+        if version in (2, 3):
+            return "qcow2"
+        raise StoreError(f"{path} is a qcow version {version} image; only qcow2 (versions 2 "
+                         "and 3) is supported (convert it with qemu-img convert -O qcow2)")
+    return "raw"
+
+
+def _lstat(path: str):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 def _remove_quietly(path: str) -> None:
     try:
