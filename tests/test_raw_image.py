@@ -97,3 +97,15 @@ def test_grow_keeps_data_and_sparseness(img):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ImageError, match="unknown image format"):
         open_image(str(tmp_path / "x"), "vmdk")
+
+
+def test_is_zero():
+    from vbdfs.images.base import is_zero
+    assert is_zero(b"") and is_zero(bytes(4096)) and is_zero(bytes(5 * MiB + 3))
+    assert is_zero(memoryview(bytes(100))[10:20]) and is_zero(bytearray(7))
+    for n in (1, 4096, MiB, 5 * MiB + 3):
+        for pos in {0, n // 2, n - 1}:
+            data = bytearray(n)
+            data[pos] = 1
+            assert not is_zero(bytes(data)), (n, pos)
+            assert not is_zero(memoryview(data))

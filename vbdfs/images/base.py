@@ -129,18 +129,36 @@ def merge_extents(extents) -> list[Extent]:
 
 
 _ZEROS = bytes(1 << 20)
+_zeros_by_size: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    """bytes(n), cached: requests come in a handful of sizes (4 KiB ... 1 MiB)."""
+    z = _zeros_by_size.get(n)
+    if z is None:
+        if len(_zeros_by_size) >= 64:
+            _zeros_by_size.clear()
+        z = _zeros_by_size[n] = bytes(n)
+    return z
 
 
 def is_zero(data) -> bool:
-    """True if every byte of data is zero. Cheap for the common non-zero case."""
+    """True if every byte of data is zero. Cheap for the common non-zero case.
+
+    bytes == bytes is a memcmp; a memoryview comparison goes element by
+    element and was 150x slower on a MiB of zeros.
+    """
     n = len(data)
     if n == 0:
         return True
     if data[0] or data[-1]:
         return False
-    mv = memoryview(data)
-    for start in range(0, n, len(_ZEROS)):
-        chunk = mv[start:start + len(_ZEROS)]
-        if chunk != _ZEROS[:len(chunk)]:
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if n <= len(_ZEROS):
+        return data == _zeros(n)
+    for i in range(0, n, len(_ZEROS)):
+        chunk = data[i:i + len(_ZEROS)]
+        if chunk != _zeros(len(chunk)):
             return False
     return True
