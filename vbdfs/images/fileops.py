@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:   # not glibc: ask the linker (slower: find_library runs ldconfig)
+    import ctypes.util
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 
