@@ -391,3 +391,22 @@ def test_check_nodes_target_must_be_secondary(store):
     fo.modify(store, "web", "node1", "node2")
     r = fo.check_nodes(store.load("web"), "node3")
     assert not r.ok and "not the secondary" in r.detail and "modify web -n node1:node3" in r.detail
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_target_mount_of_another_node_is_refused(store, mount):
+    """The mount given for node2 must be served by node2's daemon, not node1's."""
+    make_instance(store, "web", 16 * MiB)
+    fo.modify(store, "web", "node1", "node2")
+    node1 = mount(["-o", "node=node1"])
+    assert os.getxattr(node1.path, "user.vbdfs.node") == b"node1"
+    assert os.getxattr(node1.path, "user.vbdfs.pid") == str(node1.proc.pid).encode()
+    before = manifest_bytes(store)
+    r = vbdctl(store, "node1", "failover-check", "web", "--target", "node2",
+               "--target-mountpoint", node1.path)
+    assert r.returncode == 1 and rows(r.stdout)["target mount"] == "FAILED"
+    assert "served by node 'node1', not 'node2'" in r.stdout
+    r = vbdctl(store, "node1", "failover", "web", "--target", "node2",
+               "--target-mountpoint", node1.path, "--stop-command", "")
+    assert r.returncode == 1 and manifest_bytes(store) == before

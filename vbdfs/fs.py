@@ -33,6 +33,10 @@ XATTR_FORMAT = b"user.vbdfs.format"
 XATTR_LOGICAL_ID = b"user.vbdfs.logical_id"
 XATTR_ALLOCATED = b"user.vbdfs.allocated"
 XATTRS = (XATTR_FORMAT, XATTR_LOGICAL_ID, XATTR_ALLOCATED)
+# On the mount's root: which node's daemon serves it (failover-check asks).
+XATTR_NODE = b"user.vbdfs.node"
+XATTR_PID = b"user.vbdfs.pid"
+ROOT_XATTRS = (XATTR_NODE, XATTR_PID)
 
 
 class OpenDisk:
@@ -223,10 +227,13 @@ class VbdFs(pyfuse3.Operations):
 
     # --- extended attributes --------------------------------------------
     async def listxattr(self, inode, ctx):
-        return list(XATTRS) if len(self._key(inode)) == 2 else []
+        depth = len(self._key(inode))
+        return list(XATTRS) if depth == 2 else list(ROOT_XATTRS) if depth == 0 else []
 
     async def getxattr(self, inode, name, ctx):
         key = self._key(inode)
+        if key == () and name in ROOT_XATTRS:
+            return (self.node if name == XATTR_NODE else str(os.getpid())).encode()
         if len(key) != 2 or name not in XATTRS:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         disk = self._disk(key)

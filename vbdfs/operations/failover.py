@@ -119,14 +119,20 @@ def _chain(img) -> list[str]:
     return out
 
 
-def check_target_mount(store: Store, m: Manifest, mountpoint: str) -> CheckResult:
-    """The target's mount is vbdfs serving this store and shows every disk, sized right."""
+def check_target_mount(store: Store, m: Manifest, mountpoint: str,
+                       target: str) -> CheckResult:
+    """The target's mount is vbdfs serving this store for node target, and shows
+    every disk, sized right."""
     name = "target mount"
     try:
         mp = attach.check_mount(store, mountpoint)
+        served_by = os.getxattr(mp, "user.vbdfs.node").decode()
         entries = set(os.listdir(os.path.join(mp, m.name)))
     except (StoreError, OSError) as e:
         return CheckResult(name, False, str(e))
+    if served_by != target:
+        return CheckResult(name, False, f"{mp} is served by node {served_by!r}, "
+                           f"not {target!r} (see the daemon's -o node=)")
     problems = []
     for d in m.disks:
         try:
@@ -143,7 +149,7 @@ def check_target_mount(store: Store, m: Manifest, mountpoint: str) -> CheckResul
             problems.append(f"{d.name} is {size} bytes there, the manifest says {d.size}")
     if problems:
         return CheckResult(name, False, f"{mp}: " + "; ".join(problems))
-    return CheckResult(name, True, f"{mp} serves {store.root} with all "
+    return CheckResult(name, True, f"{mp} (node {target}) serves {store.root} with all "
                        f"{len(m.disks)} disk(s)")
 
 
@@ -221,7 +227,7 @@ def failover_checks(store: Store, instance: str, target: str, target_mountpoint:
     return ([CheckResult("manifest", True, store.manifest_path(instance)),
              check_nodes(m, target)]
             + check_disks(store, m)
-            + [check_target_mount(store, m, target_mountpoint)]
+            + [check_target_mount(store, m, target_mountpoint, target)]
             + check_leases(store, m, releasing)
             + [check_attachments(store, m, node, releasing)])
 
@@ -392,7 +398,7 @@ def migrate_checks(store: Store, instance: str, target: str,
     results = ([CheckResult("manifest", True, store.manifest_path(instance)),
                 check_nodes(m, target)]
                + check_disks(store, m)
-               + [check_target_mount(store, m, target_mountpoint)])
+               + [check_target_mount(store, m, target_mountpoint, target)])
     if results[-1].ok:
         results += check_same_file(store, m, target_mountpoint)
     return results

@@ -86,8 +86,7 @@ class Store:
     def load(self, name: str) -> Manifest:
         path = self.manifest_path(name)
         try:
-            with open(path, "rb") as f:
-                text = f.read(1 << 20)
+            text = _read_manifest(path)
         except FileNotFoundError:
             raise StoreError(f"instance {name} does not exist in {self.root}") from None
         except OSError as e:
@@ -495,6 +494,19 @@ class Store:
                     raise StoreError(f"instance {name}: {e}") from None
                 raise
         return m
+
+
+def _read_manifest(path: str) -> bytes:
+    """Read a manifest; retry once on ESTALE, which NFS and GlusterFS clients
+    return when another node renamed a new manifest over the one they had."""
+    for attempt in (1, 2):
+        try:
+            with open(path, "rb") as f:
+                return f.read(1 << 20)
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_atomic(path: str, data: bytes) -> None:
