@@ -499,14 +499,12 @@ class Store:
 def _read_manifest(path: str) -> bytes:
     """Read a manifest; retry once on ESTALE, which NFS and GlusterFS clients
     return when another node renamed a new manifest over the one they had."""
-    for attempt in (1, 2):
-        try:
-            with open(path, "rb") as f:
-                return f.read(1 << 20)
-        except OSError as e:
-            if e.errno != errno.ESTALE or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return _head(path, 1 << 20)
+    except OSError as e:
+        if e.errno != errno.ESTALE:
+            raise
+    return _head(path, 1 << 20)
 
 
 def write_atomic(path: str, data: bytes) -> None:
