@@ -384,3 +384,23 @@ def test_progress_bar_only_on_a_terminal(store, tmp_path, ctl):
         seen += chunk
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, seen
     assert b"export web:" in seen and b"%|" in seen, seen
+
+
+def test_feed_fast_path_matches_block_by_block():
+    """feed() finds the same runs whether or not a buffer holds a zero block."""
+    from vbdfs.operations.transfer import GRAIN, SparseHash, feed
+
+    def runs_of(buf, offset=0):
+        got = []
+        h = SparseHash(offset + len(buf))
+        feed(lambda off, data: got.append((off, bytes(data))), h, offset, buf)
+        return got, h.digest()
+
+    solid = os.urandom(8 * GRAIN)
+    tail_zero = os.urandom(3 * GRAIN) + bytes(100)           # partial zero block at the end
+    holed = os.urandom(GRAIN) + bytes(GRAIN) + os.urandom(GRAIN)
+    unaligned_zeros = os.urandom(GRAIN + 10) + bytes(GRAIN) + os.urandom(GRAIN - 10)
+    assert runs_of(solid, 8192)[0] == [(8192, solid)]
+    assert runs_of(tail_zero)[0] == [(0, tail_zero[:3 * GRAIN])]
+    assert [off for off, _ in runs_of(holed)[0]] == [0, 2 * GRAIN]
+    assert runs_of(unaligned_zeros)[0] == [(0, unaligned_zeros)]   # no aligned zero block
