@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import GiB, MiB, make_instance, wait_for
+from conftest import GiB, MiB, make_instance
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from vbdfs.store import (DiskSpec, InvalidName, Manifest, ManifestError, Store, StoreError,
-                         UnsafePath, check_instance_name, disk_index, disk_name)
+from vbdfs.store import (DiskSpec, InvalidName, ManifestError, StoreError, UnsafePath,
+                         check_instance_name, disk_index, disk_name)
 from vbdfs.store import paths
 from vbdfs import config
 

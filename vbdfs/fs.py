@@ -114,7 +114,7 @@ class VbdFs(pyfuse3.Operations):
         name, disk = key
         try:
             return self._manifest(name).disk(disk)
-        except KeyError:
+        except LookupError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     # --- attributes ------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 
 from ..config import Config, ConfigError
 from ..images import ImageError
-from ..store import InvalidName, ManifestError, Store, StoreError, UnsafePath
+from ..store import InvalidName, ManifestError, NoSuchDisk, Store, StoreError, UnsafePath
 from ..store.locks import LockBusy
 
 
@@ -16,7 +16,7 @@ class VbdctlError(Exception):
 
 
 # Exceptions that end a command with exit status 1 and their message.
-ERRORS = (VbdctlError, ConfigError, StoreError, ManifestError, InvalidName, UnsafePath,
+ERRORS = (VbdctlError, ConfigError, StoreError, ManifestError, NoSuchDisk, InvalidName, UnsafePath,
           ImageError, LockBusy, OSError)
 
 

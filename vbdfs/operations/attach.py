@@ -29,10 +29,10 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 
 from ..store import Manifest, Store, StoreError
 from ..store.store import write_atomic
+from .tools import run_tool
 
 LOOP_DRIVERS = ("loop",)
 TAP_DRIVERS = ("blktap", "blktap2")
@@ -103,14 +103,7 @@ def view_path(mountpoint: str, instance: str, disk: str) -> str:
 
 # --- the kernel's view --------------------------------------------------------
 def _run(args: list[str], what: str) -> str:
-    try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise AttachError(f"{what}: {args[0]} is not installed") from None
-    if r.returncode != 0:
-        raise AttachError(f"{what}: {' '.join(args)} failed: "
-                          f"{(r.stderr or r.stdout).strip() or 'exit status %d' % r.returncode}")
-    return r.stdout
+    return run_tool(args, what, AttachError)
 
 
 def loop_devices() -> dict[str, str]:
@@ -215,11 +208,7 @@ def forget(store: Store, instance: str) -> None:
 def _select(manifest: Manifest, disk: str | None):
     if disk is None:
         return list(manifest.disks)
-    try:
-        return [manifest.disk(disk)]
-    except KeyError:
-        raise AttachError(f"instance {manifest.name} has no disk {disk} (it has "
-                          f"{', '.join(d.name for d in manifest.disks) or 'none'})") from None
+    return [manifest.disk(disk)]
 
 
 def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | None = None,
@@ -324,10 +313,7 @@ def detach(store: Store, node: str, instance: str, disk: str | None = None) -> l
     with store.lock(instance):
         records = read_records(store, instance)
         if disk is not None:
-            try:
-                name = store.load(instance).disk(disk).name
-            except KeyError:
-                raise AttachError(f"instance {instance} has no disk {disk}") from None
+            name = store.load(instance).disk(disk).name
             if name not in records:
                 raise AttachError(f"instance {instance} disk {name} is not attached")
             names = [name]

@@ -37,11 +37,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
         raise TransferError(f"cannot convert to {to!r} (one of {', '.join(FORMATS)})")
     with store.lock(name):
         m = store.load(name)
-        try:
-            d = m.disk(disk)
-        except KeyError:
-            raise TransferError(f"instance {name} has no disk {disk} (it has "
-                                f"{', '.join(x.name for x in m.disks) or 'none'})") from None
+        d = m.disk(disk)
         what = f"instance {name} disk {d.name}"
         if d.format == to:
             raise TransferError(f"{what} is already {to}")

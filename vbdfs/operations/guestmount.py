@@ -25,6 +25,7 @@ import time
 
 from ..store import Store, StoreError
 from . import attach
+from .tools import run_tool
 
 
 class GuestMountError(StoreError):
@@ -32,14 +33,7 @@ class GuestMountError(StoreError):
 
 
 def _run(args: list[str], what: str) -> str:
-    try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise GuestMountError(f"{what}: {args[0]} is not installed") from None
-    if r.returncode != 0:
-        raise GuestMountError(f"{what}: {' '.join(args)} failed: "
-                              f"{(r.stderr or r.stdout).strip() or r.returncode}")
-    return r.stdout
+    return run_tool(args, what, GuestMountError, timeout=120)
 
 
 def _partitions(device: str) -> list[int]:
@@ -54,10 +48,7 @@ def _detach(device: str) -> None:
 def mount_guest(store: Store, vbdfs_mountpoint: str, instance: str, disk: str, target: str,
                 partition: int | None = None, read_write: bool = False) -> dict:
     m = store.load(instance)
-    try:
-        d = m.disk(disk)
-    except KeyError:
-        raise GuestMountError(f"instance {instance} has no disk {disk}") from None
+    d = m.disk(disk)
     what = f"instance {instance} disk {d.name}"
     target = os.path.abspath(target)
     if not os.path.isdir(target):

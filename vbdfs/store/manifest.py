@@ -24,6 +24,13 @@ class ManifestError(Exception):
     pass
 
 
+class NoSuchDisk(LookupError):
+    """Manifest.disk() found no such disk; the message names the instance and its disks."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 @dataclasses.dataclass
 class Disk:
     index: int
@@ -58,7 +65,8 @@ class Manifest:
         for d in self.disks:
             if d.name == name_or_index or str(d.index) == str(name_or_index):
                 return d
-        raise KeyError(name_or_index)
+        raise NoSuchDisk(f"instance {self.name} has no disk {name_or_index} (it has "
+                         f"{', '.join(d.name for d in self.disks) or 'none'})")
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "name": self.name, "os": self.os,

@@ -417,11 +417,7 @@ class Store:
         self._check_root()
         with self.lock(name):
             m = self.load(name)
-            try:
-                d = m.disk(disk)
-            except KeyError:
-                raise StoreError(f"instance {name} has no disk {disk} (it has "
-                                 f"{', '.join(x.name for x in m.disks) or 'none'})") from None
+            d = m.disk(disk)
             if (new_size is None) == (growth is None):
                 raise ValueError("give new_size or growth")
             if growth is not None:

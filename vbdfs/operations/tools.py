@@ -1,0 +1,19 @@
+"""Running the system tools vbdctl drives (losetup, tap-ctl, mount, partx)."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def run_tool(args: list[str], what: str, error: type[Exception], timeout: int = 60) -> str:
+    """Run args, return its stdout; raise error naming what failed and why."""
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise error(f"{what}: {args[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{what}: {' '.join(args)} did not finish in {timeout}s") from None
+    if r.returncode != 0:
+        detail = (r.stderr or r.stdout).strip() or f"exit status {r.returncode}"
+        raise error(f"{what}: {' '.join(args)} failed: {detail}")
+    return r.stdout
