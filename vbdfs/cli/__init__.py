@@ -22,6 +22,8 @@ from .common import ERRORS, Context
 
 log = logging.getLogger("vbdctl")
 
+HELP_ORDER = ["instances", "attach", "xen", "transfer", "failover"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed custom storage directories (default /etc/ganeti/file-storage-paths)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    found = {m.name for m in pkgutil.iter_modules(__path__)}
+    # --help lists commands in the order an administrator meets them.
+    order = [m for m in HELP_ORDER if m in found] + sorted(found - set(HELP_ORDER))
+    for mod in order:
         module = importlib.import_module(f"{__name__}.{mod}")
         if hasattr(module, "register"):
             module.register(sub)
