@@ -307,7 +307,9 @@ class Qcow2Image(Image):
             while nxt < tab_end:
                 i += 1
                 g += 1
-                if self._kind(ents[i], g)[0] != kind:
+                e = ents[i]
+                # Most of a sparse disk is zero entries: they need no classifying.
+                if (e or kind != _UNALLOC) and self._kind(e, g)[0] != kind:
                     break
                 nxt += cs
         return kind, host, min(nxt, tab_end) - pos
