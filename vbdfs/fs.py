@@ -13,6 +13,7 @@ The handlers never await; vbdfs/fuseloop.py relies on that.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,28 @@ XATTRS = (XATTR_FORMAT, XATTR_LOGICAL_ID, XATTR_ALLOCATED)
 XATTR_NODE = b"user.vbdfs.node"
 XATTR_PID = b"user.vbdfs.pid"
 ROOT_XATTRS = (XATTR_NODE, XATTR_PID)
+
+
+def contained(handler):
+    """Turn any error of one request into an errno for that request.
+
+    pyfuse3 ends its main loop on any exception but FUSEError, which would
+    unmount every disk on the node: a broken image, a full store or an NFS
+    ESTALE must cost one request, not all guests. (read and write do the same
+    inline, to keep the hot path to one call.)
+    """
+    @functools.wraps(handler)
+    async def wrapper(*args):
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", handler.__name__, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
 
 
 class OpenDisk:
@@ -101,8 +124,8 @@ class VbdFs(pyfuse3.Operations):
         if cached is None or cached[0] != key:
             try:
                 value = self.store.load(name)
-            except (ManifestError, StoreError, OSError) as e:
-                value = str(e)
+            except Exception as e:      # untrusted input: whatever breaks, skip it
+                value = str(e) or type(e).__name__
                 # Logged once per version of the file; the mount serves the others.
                 log.error("instance %s skipped: %s", name, value)
             cached = self._manifests[name] = (key, value)
@@ -133,9 +156,9 @@ class VbdFs(pyfuse3.Operations):
         disk = self._disk(key)
         try:
             st = os.stat(disk.path)
-        except FileNotFoundError:
-            log.error("instance %s disk %s: image file %s is missing", key[0], key[1], disk.path)
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except OSError as e:
+            self._log_once(key, f"image file {disk.path}: {e.strerror}")
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         od = self._open.get(inode)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
@@ -159,9 +182,11 @@ class VbdFs(pyfuse3.Operations):
             self._manifest(key[0])
         return self._dir_attr(inode)
 
+    @contained
     async def getattr(self, inode, ctx=None):
         return self._attr(inode)
 
+    @contained
     async def lookup(self, parent_inode, name, ctx=None):
         key = self._key(parent_inode)
         name = os.fsdecode(name)
@@ -174,6 +199,7 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return self._attr(self._inode(child))
 
+    @contained
     async def setattr(self, inode, attr, fields, fh, ctx):
         key = self._key(inode)
         current = self._attr(inode)
@@ -186,12 +212,14 @@ class VbdFs(pyfuse3.Operations):
         return current   # times follow the backing file; touch is harmless
 
     # --- directories -----------------------------------------------------
+    @contained
     async def opendir(self, inode, ctx):
         key = self._key(inode)
         if len(key) == 2:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @contained
     async def readdir(self, fh, start_id, token):
         key = self._key(fh)
         if len(key) == 0:
@@ -213,9 +241,11 @@ class VbdFs(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(child[-1]), attr, i + 1):
                 break
 
+    @contained
     async def releasedir(self, fh):
         pass
 
+    @contained
     async def statfs(self, ctx):
         sv = os.statvfs(self.store.root)
         s = pyfuse3.StatvfsData()
@@ -226,10 +256,12 @@ class VbdFs(pyfuse3.Operations):
         return s
 
     # --- extended attributes --------------------------------------------
+    @contained
     async def listxattr(self, inode, ctx):
         depth = len(self._key(inode))
         return list(XATTRS) if depth == 2 else list(ROOT_XATTRS) if depth == 0 else []
 
+    @contained
     async def getxattr(self, inode, name, ctx):
         key = self._key(inode)
         if key == () and name in ROOT_XATTRS:
@@ -245,32 +277,41 @@ class VbdFs(pyfuse3.Operations):
         allocated = od.image.allocated() if od else os.stat(disk.path).st_blocks * 512
         return str(allocated).encode()
 
+    @contained
     async def setxattr(self, inode, name, value, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def removexattr(self, inode, name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # --- the namespace is the store's: no changes through the mount -------
+    @contained
     async def mkdir(self, parent_inode, name, mode, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def create(self, parent_inode, name, mode, flags, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def unlink(self, parent_inode, name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def rmdir(self, parent_inode, name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @contained
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # --- disk I/O ----------------------------------------------------------
+    @contained
     async def open(self, inode, flags, ctx):
         key = self._key(inode)
         if len(key) != 2:
@@ -323,14 +364,18 @@ class VbdFs(pyfuse3.Operations):
         except PermissionError:
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except (ImageError, OSError) as e:
-            if (key, str(e)) not in self._logged:      # once, not at every open
-                self._logged.add((key, str(e)))
-                log.error("instance %s disk %s unavailable: %s", key[0], key[1], e)
+            self._log_once(key, f"unavailable: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         if image.size != disk.size:
             log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "
                         "serving the image's size", key[0], key[1], image.size, disk.size)
         return image
+
+    def _log_once(self, key: tuple, message: str) -> None:
+        """Log a disk's error once, not at every request that meets it."""
+        if (key, message) not in self._logged:
+            self._logged.add((key, message))
+            log.error("instance %s disk %s %s", key[0], key[1], message)
 
     def _image_options(self, disk) -> dict:
         # Backing files of qcow2 images must stay inside the store.
@@ -341,8 +386,8 @@ class VbdFs(pyfuse3.Operations):
             return self._open[fh].image.read(off, size)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
-        except ImageError as e:
-            log.error("read of %s failed: %s", self._key_of.get(fh), e)
+        except Exception as e:          # ImageError, or a bug: this request fails, not the daemon
+            log.error("read of %s failed: %r", self._key_of.get(fh), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def write(self, fh, off, buf):
@@ -362,8 +407,8 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except ReadOnlyImage:
             raise pyfuse3.FUSEError(errno.EROFS) from None
-        except ImageError as e:
-            log.error("write to %s failed: %s", self._key_of.get(fh), e)
+        except Exception as e:          # ImageError, or a bug: this request fails, not the daemon
+            log.error("write to %s failed: %r", self._key_of.get(fh), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         return n
 
@@ -376,13 +421,16 @@ class VbdFs(pyfuse3.Operations):
             log.error("flush of %s failed: %s", self._key_of.get(fh), e)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @contained
     async def flush(self, fh):
         # close(): make everything written so far reach the backing file durably.
         self._flush(fh)
 
+    @contained
     async def fsync(self, fh, datasync):
         self._flush(fh)
 
+    @contained
     async def release(self, fh):
         od = self._open[fh]
         od.opens -= 1

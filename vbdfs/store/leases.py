@@ -16,11 +16,14 @@ truth; a record whose locks are gone is stale.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 from ..images.fileops import fsync_dir
 from .locks import ofd_lock, ofd_test
+
+log = logging.getLogger(__name__)
 
 PERM_BASE = 100
 SHARED_BASE = 200
@@ -87,9 +90,16 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
         raise
     path = None
     if state_dir:
+        # The record only names the holder for messages; the locks are the
+        # lease. A full or read-only store must not fail the open over it.
         path = record_path(state_dir, instance, disk)
-        _write_record(path, {"node": node, "pid": os.getpid(), "since": int(time.time()),
-                             "image": image_path})
+        try:
+            _write_record(path, {"node": node, "pid": os.getpid(),
+                                 "since": int(time.time()), "image": image_path})
+        except OSError as e:
+            log.warning("lease on %s taken, but its record %s could not be written: %s",
+                        image_path, path, e.strerror)
+            path = None
     return Lease(fd, path)
 
 

@@ -82,6 +82,8 @@ class Manifest:
             raw = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"{where}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise ManifestError(f"{where}: nested too deeply to be a manifest") from None
         return cls.from_dict(raw, where)
 
     @classmethod
