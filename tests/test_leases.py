@@ -125,3 +125,42 @@ def test_killed_daemon_loses_its_leases(store, mount):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_vbdctl_operations_respect_a_write_lease(store, tmp_path):
+    """A writer anywhere (here: a lease held in this process, as another node's
+    daemon would) stops grow, convert and remove, and says who writes."""
+    from vbdfs.operations import convert, inuse
+    from vbdfs.store import StoreError
+    make_instance(store, "web", 16 * MiB, fmt="qcow2")
+    backing = os.path.join(store.root, "web", "sda")
+    before = open(backing, "rb").read()
+    lease = leases.acquire(backing, store.state_dir("leases"), "web", "sda", "node7")
+    try:
+        reasons = [r for _, r in inuse.users(store, store.load("web"), None, "here")]
+        assert any("written by vbdfs on node node7" in r for r in reasons), reasons
+        with pytest.raises(StoreError, match="node node7"):
+            store.grow("web", "sda", growth=MiB)
+        with pytest.raises(StoreError, match="node node7"):
+            convert.convert_disk(store, "web", "sda", "raw")
+        with pytest.raises(StoreError, match="written by vbdfs on node node7"):
+            store.remove("web", check=inuse.refuse_if_used(store, None, "here", "remove"))
+    finally:
+        lease.release()
+    assert open(backing, "rb").read() == before
+    assert store.load("web").disks[0].size == 16 * MiB
+    store.grow("web", "sda", growth=MiB)                  # free again
+    assert store.load("web").disks[0].size == 17 * MiB
+    assert not leases.is_write_locked(backing)            # grow let go of its lease
+
+
+def test_interrupted_convert_is_refused_not_served(store):
+    from vbdfs.store import ManifestError
+    from vbdfs.store.store import CONVERT_JOURNAL
+    make_instance(store, "web", MiB)
+    journal = os.path.join(store.instance_dir("web"), CONVERT_JOURNAL)
+    open(journal, "w").write(open(store.manifest_path("web")).read())
+    with pytest.raises(ManifestError, match="convert of this instance was interrupted"):
+        store.load("web")
+    os.unlink(journal)
+    assert store.load("web").name == "web"

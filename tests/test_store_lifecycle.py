@@ -88,7 +88,7 @@ def test_grow_image_first_then_manifest(store, monkeypatch):
     path = store.load("web").disks[0].path
     monkeypatch.setattr(store_mod.Store, "save", lambda self, m: (_ for _ in ()).throw(
         OSError(28, "No space left on device")))
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="instance web disk sda: .*No space left"):
         store.grow("web", "sda", new_size=2 * MiB)
     monkeypatch.undo()
     # The crash window: image larger than the manifest says (the daemon serves the image's size).

@@ -337,6 +337,9 @@ class VbdFs(pyfuse3.Operations):
         """Open the image; a writer first takes the disk's write lease."""
         lease = None
         if writable:
+            # Lease first, manifest after (in _open_image): vbdctl convert holds
+            # the lease across its image swap and manifest rename, so a disk
+            # opened for writing is never paired with its old format.
             disk = self._disk(key)
             try:
                 lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0],

@@ -23,11 +23,11 @@ import time
 
 from ..images import FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
-from ..store import MANIFEST, Store
-from ..store.store import write_atomic
+from ..store import Store, leases
+from ..store.store import CONVERT_JOURNAL, write_atomic
 from .transfer import TransferError, SparseHash, checksum_text, copy_image
 
-JOURNAL = f".{MANIFEST}.convert"
+JOURNAL = CONVERT_JOURNAL
 
 
 def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | None = None,
@@ -47,7 +47,12 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
         journal = os.path.join(store.instance_dir(name), JOURNAL)
         tick = (lambda n: progress(n, 2 * d.size)) if progress else None
         swapped = False
+        held = []         # write leases on the old image and, once made, the new one
         try:
+            # Nobody (daemon on any node, qemu) may write the disk while it is
+            # copied, nor open it between the swap and the manifest's rename.
+            held.append(leases.acquire(d.path, store.state_dir("leases"), name, d.name,
+                                       "vbdctl convert"))
             with open_image(d.path, d.format, read_only=True,
                             **store.image_options(d.format)) as src, \
                     create_image(tmp, to, d.size) as dst:
@@ -64,9 +69,11 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                                     "same contents; the disk was left as it was")
             new_m = dataclasses.replace(m, disks=[dataclasses.replace(x, format=to)
                                                   if x is d else x for x in m.disks])
+            held.append(leases.acquire(tmp))
             write_atomic(journal, new_m.to_json().encode())
             os.rename(tmp, d.path)
             swapped = True
+            fsync_dir(os.path.dirname(d.path))   # the image swap is on disk before the manifest's
             os.rename(journal, store.manifest_path(name))
             fsync_dir(os.path.dirname(d.path))
             fsync_dir(store.instance_dir(name))
@@ -80,9 +87,14 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+            if isinstance(e, leases.LeaseBusy):
+                raise TransferError(f"{what}: cannot convert: {e}") from None
             if isinstance(e, (OSError, ImageError)):
                 raise TransferError(f"{what}: convert to {to} failed: {e}") from None
             raise
+        finally:
+            for lease in held:
+                lease.release()
     return {"instance": name, "disk": d.name, "from": d.format, "to": to, "size": d.size,
             "data_bytes": data, "allocated": allocated, "checksum": checksum_text(h.digest()),
             "seconds": round(time.monotonic() - started, 3)}

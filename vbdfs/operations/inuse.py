@@ -10,18 +10,19 @@ and every finding is reported):
    mountpoint, or the image file itself (a hand-made `losetup`);
 3. a process has one of those paths open: the symlinks /proc/PID/fd/*.
    That finds guests' qemu (qdisk), tapdisk, `dd`, and the vbdfs daemon
-   itself, which keeps an image open only while its view is open.
+   itself, which keeps an image open only while its view is open;
+4. someone holds a writer's locks on an image file (a vbdfs write lease, on
+   any node, or qemu writing it): the OFD locks of DESIGN invariant 5.
 
-Not seen: processes in another mount namespace (their paths differ), files
-mapped without an open descriptor, and users on other nodes that left no
-record. Those are what the OFD image locks (DESIGN invariant 5) are for.
+Not seen: read-only users on other nodes that left no record, and files
+mapped without an open descriptor.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..store import Manifest, Store, StoreError
+from ..store import Manifest, Store, StoreError, leases
 from . import attach
 
 
@@ -95,6 +96,12 @@ def users(store: Store, manifest: Manifest, mountpoint: str | None,
             seen.add((pid, path))
             out.append((paths[path], f"disk {paths[path]} is open by process {pid} "
                                      f"({comm}): {path}"))
+    for d in manifest.disks:
+        holder = leases.holder(store.state_dir("leases"), manifest.name, d.name, d.path)
+        if holder is not None:
+            who = (f"vbdfs on node {holder['node']} (pid {holder['pid']})"
+                   if holder.get("node") else "another process (qemu?)")
+            out.append((d.name, f"disk {d.name} is being written by {who}: {d.path}"))
     return out
 
 

@@ -18,7 +18,7 @@ import struct
 
 from ..images import ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
-from . import paths
+from . import leases, paths
 from .locks import LockBusy, ofd_lock
 from .manifest import DRIVERS, FORMATS, MANIFEST, MAX_DISKS, Disk, Manifest, ManifestError
 from .names import InvalidName, check_instance_name, disk_index, disk_name
@@ -40,6 +40,7 @@ class DiskSpec:
 
 
 RENAME_JOURNAL = f".{MANIFEST}.rename"   # the new manifest while a rename is under way
+CONVERT_JOURNAL = f".{MANIFEST}.convert"  # the new manifest while a convert swaps an image
 
 
 class Store:
@@ -91,6 +92,16 @@ class Store:
             raise StoreError(f"instance {name} does not exist in {self.root}") from None
         except OSError as e:
             raise ManifestError(f"{path}: {e.strerror}") from None
+        journal = os.path.join(os.path.dirname(path), CONVERT_JOURNAL)
+        if os.path.exists(journal):
+            # The image may already be in the new format while the manifest
+            # names the old one: serving it so could let a guest overwrite
+            # qcow2 metadata, or have a raw disk's contents parsed as qcow2.
+            raise ManifestError(
+                f"{path}: a convert of this instance was interrupted; {journal} holds the "
+                "manifest for the converted image. If the disk file starts with the "
+                "converted format's header, move the journal over manifest.json; "
+                "otherwise delete the journal")
         m = Manifest.from_json(text, where=path)
         if m.name != name:
             hint = ""
@@ -431,15 +442,24 @@ class Store:
                 raise StoreError(f"instance {name} disk {d.name} is already {d.size} bytes")
             if check is not None:
                 check(m)
+            # The write lease keeps every daemon (any node) and qemu from
+            # writing the image while its tables are rewritten.
+            try:
+                lease = leases.acquire(d.path, self.state_dir("leases"), name, d.name,
+                                       "vbdctl grow")
+            except leases.LeaseBusy as e:
+                raise StoreError(f"instance {name} disk {d.name}: cannot grow: {e}") from None
             try:
                 with open_image(d.path, d.format, **self.image_options(d.format)) as img:
                     if img.size < new_size:
                         img.resize(new_size)
                         img.flush()
+                d.size = new_size
+                self.save(m)
             except (OSError, ImageError) as e:
                 raise StoreError(f"instance {name} disk {d.name}: {e}") from None
-            d.size = new_size
-            self.save(m)
+            finally:
+                lease.release()
         return d
 
     def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
