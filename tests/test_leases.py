@@ -145,6 +145,10 @@ def test_vbdctl_operations_respect_a_write_lease(store, tmp_path):
             convert.convert_disk(store, "web", "sda", "raw")
         with pytest.raises(StoreError, match="written by vbdfs on node node7"):
             store.remove("web", check=inuse.refuse_if_used(store, None, "here", "remove"))
+        from vbdfs.operations import transfer
+        with pytest.raises(StoreError, match="node node7"):
+            transfer.export_instance(store, "web", str(tmp_path))
+        assert os.listdir(tmp_path) == ["store"]          # no export left behind
     finally:
         lease.release()
     assert open(backing, "rb").read() == before

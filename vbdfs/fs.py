@@ -22,7 +22,7 @@ import stat
 import pyfuse3
 
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage, open_image
-from .store import Manifest, ManifestError, Store, StoreError, leases
+from .store import Manifest, Store, leases
 from .store.names import InvalidName
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from ..images import FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from ..store import Store, leases
 from ..store.store import CONVERT_JOURNAL, write_atomic
+from . import inuse
 from .transfer import TransferError, SparseHash, checksum_text, copy_image
 
 JOURNAL = CONVERT_JOURNAL
@@ -32,7 +33,6 @@ JOURNAL = CONVERT_JOURNAL
 
 def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | None = None,
                  node: str = "", progress=None) -> dict:
-    from . import inuse
     if to not in FORMATS:
         raise TransferError(f"cannot convert to {to!r} (one of {', '.join(FORMATS)})")
     with store.lock(name):

@@ -60,11 +60,11 @@ def open_by(paths: dict[str, str]) -> list[tuple[int, str, str]]:
             except OSError:
                 continue
             if target in paths:
-                found.append((int(entry), _comm(entry), target))
+                found.append((int(entry), describe_process(entry), target))
     return found
 
 
-def _comm(pid: str) -> str:
+def describe_process(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
@@ -96,6 +96,13 @@ def users(store: Store, manifest: Manifest, mountpoint: str | None,
             seen.add((pid, path))
             out.append((paths[path], f"disk {paths[path]} is open by process {pid} "
                                      f"({comm}): {path}"))
+    out += lease_holders(store, manifest)
+    return out
+
+
+def lease_holders(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
+    """(disk, reason) for every disk someone holds a write lease on, on any node."""
+    out = []
     for d in manifest.disks:
         holder = leases.holder(store.state_dir("leases"), manifest.name, d.name, d.path)
         if holder is not None:

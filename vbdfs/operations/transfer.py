@@ -80,7 +80,7 @@ from ..images.fileops import fsync_dir
 from ..store import DiskSpec, Manifest, ManifestError, Store, StoreError, check_instance_name
 from ..store.manifest import MAX_DISKS
 from ..store.names import disk_name
-from . import attach
+from . import attach, inuse
 
 CHUNK = 4 << 20          # largest read, write and stream record
 GRAIN = 4096             # zero blocks of this size (aligned) are neither hashed nor copied
@@ -237,7 +237,6 @@ def writers(store: Store, manifest: Manifest, mountpoint: str | None, node: str)
     open for writing (the vbdfs daemon holds an image open read-write exactly
     while something has its view open read-write).
     """
-    from . import inuse      # not at import time: inuse is being extended elsewhere
     reasons = []
     records = attach.live_records(store, manifest.name, node)
     for disk, r in sorted(records.items()):
@@ -270,7 +269,9 @@ def writers(store: Store, manifest: Manifest, mountpoint: str | None, node: str)
                 continue
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 reasons.append(f"disk {paths[target]} is open for writing by process {pid} "
-                               f"({inuse._comm(pid)}): {target}")
+                               f"({inuse.describe_process(pid)}): {target}")
+    # Writers this node cannot see (another node's daemon, qemu) hold the lease.
+    reasons += [r for _, r in inuse.lease_holders(store, manifest)]
     return reasons
 
 
