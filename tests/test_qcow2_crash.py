@@ -47,6 +47,8 @@ if crash_at:
     os.pwrite = pwrite
 out = sys.stdout
 img = Qcow2Image(path)
+if os.environ.get("SMALL_CACHES"):          # evictions (dirty L2 and refcount blocks) all the time
+    img._cache_max, img.rc.cache_max = 4, 2
 rng = random.Random(seed)
 seq = start_seq
 while True:
@@ -76,9 +78,12 @@ def payload(seed, seq, n):
 exec(PAYLOAD)   # the parent regenerates the child's data from (seed, seq)
 
 
-def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.0):
+def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.0,
+              small_caches=False):
     """Run the writer until killed; return (intents, last acknowledged seq)."""
     env = dict(os.environ)
+    if small_caches:
+        env["SMALL_CACHES"] = "1"
     if crash_at:
         env["CRASH_AT_PWRITE"] = str(crash_at)
     proc = subprocess.Popen(
@@ -155,8 +160,8 @@ def test_sigkill_at_random_moments(tmp_path, compat, cs):
     assert acked_total > 20       # the test really checked acknowledged writes
 
 
-@pytest.mark.parametrize("cs", [4096, 512])
-def test_crash_at_nth_pwrite(tmp_path, cs):
+@pytest.mark.parametrize("cs,small_caches", [(4096, False), (512, False), (512, True)])
+def test_crash_at_nth_pwrite(tmp_path, cs, small_caches):
     """Crash points chosen by pwrite count: they fall inside flush() often."""
     path = tmp_path / "crash.qcow2"
     Qcow2Image.create(str(path), 64 * MiB, cluster_size=cs).close()
@@ -165,7 +170,8 @@ def test_crash_at_nth_pwrite(tmp_path, cs):
     seq = 0
     for it in range(8):
         seed = f"n{cs}-{it}"
-        intents, acked = run_child(path, seed, seq, crash_at=rng.randrange(5, 400))
+        intents, acked = run_child(path, seed, seq, crash_at=rng.randrange(5, 400),
+                                   small_caches=small_caches)
         verify_and_advance(path, seed, model, intents, acked)
         if intents:
             seq = intents[-1][0]

@@ -235,3 +235,106 @@ def test_randomized_against_model(tmp_path, compat, cs, backing):
     finally:
         img.close()
     check_and_compare(path, model, tmp_path)
+
+
+def test_refcount_cache_is_bounded(tmp_path):
+    """Refcount blocks live in a bounded LRU too; evicted dirty blocks are written."""
+    p = tmp_path / "rc.qcow2"
+    model = bytearray(32 * MiB)
+    rng = random.Random(2)
+    img = Qcow2Image.create(str(p), len(model), cluster_size=512)    # 128 KiB per block
+    try:
+        for step in range(400):
+            img.rc.cache_max = 3
+            off = rng.randrange(0, len(model) - 70000)
+            data = rng.randbytes(rng.randrange(1, 70000)) if step % 5 else bytes(30000)
+            img.write(off, data)
+            model[off:off + len(data)] = data
+            assert len(img.rc.blocks) <= 3
+            if step % 50 == 49:
+                img.close()
+                img = Qcow2Image(str(p))
+        assert img.read(0, len(model)) == model
+    finally:
+        img.close()
+    check_and_compare(p, model, tmp_path)
+
+
+def _overlay(tmp_path, compat, cs, old_size, written):
+    """A qemu-made overlay of old_size over a random 2.5 MiB raw file; returns (path, model)."""
+    base = random.Random(cs).randbytes(5 * MiB // 2)
+    (tmp_path / "base.raw").write_bytes(base)
+    path = tmp_path / "ov.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat},cluster_size={cs}",
+             "-b", "base.raw", "-F", "raw", path, old_size)
+    model = bytearray(base[:old_size])
+    if written:     # the last, partial cluster is allocated in the overlay
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x33 {old_size - 1536} 1k",
+                        str(path)], check=True, capture_output=True)
+        model[old_size - 1536:old_size - 512] = b"\x33" * 1024
+    return path, model
+
+
+@pytest.mark.parametrize("written", [False, True])
+@pytest.mark.parametrize("compat,cs", [("1.1", 65536), ("1.1", 512), ("0.10", 65536),
+                                       ("0.10", 512)])
+def test_grow_over_larger_backing_reads_zeros(tmp_path, compat, cs, written):
+    """Like qemu-img resize: the new area must not show the backing file's bytes past
+    the old end (the old end here is not cluster aligned; with 512-byte clusters the
+    L1 table also moves)."""
+    old, new = MiB + 512, 3 * MiB
+    path, model = _overlay(tmp_path, compat, cs, old, written)
+    model += bytes(new - old)
+    with Qcow2Image(str(path)) as img:
+        img.resize(new)
+        assert img.read(0, new) == model
+    with Qcow2Image(str(path), read_only=True) as img:
+        assert img.size == new and img.read(0, new) == model
+    check_and_compare(path, model, tmp_path)
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_grow_over_backing_is_crash_safe(tmp_path, compat, monkeypatch):
+    """Crash the resize at its Nth pwrite: the image is clean (or leaks) and reads as
+    either the old disk or the grown one with zeros, never backing bytes past the old end."""
+    old, new = MiB + 512, 3 * MiB
+    src, model = _overlay(tmp_path, compat, 512, old, True)
+    grown = model + bytes(new - old)
+    work = tmp_path / "work.qcow2"
+    real_pwrite, count = os.pwrite, [0, 0]
+
+    class Crash(BaseException):
+        pass
+
+    def pwrite(fd, data, off):
+        count[0] += 1
+        if count[0] == count[1]:
+            raise Crash
+        return real_pwrite(fd, data, off)
+
+    def attempt(n):
+        work.write_bytes(src.read_bytes())
+        count[:] = [0, n]
+        img = Qcow2Image(str(work))
+        img._cache_max, img.rc.cache_max = 4, 2         # evictions force syncs mid-resize
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        try:
+            img.resize(new)
+            done = True
+        except Crash:
+            done = False
+        finally:
+            monkeypatch.setattr(os, "pwrite", real_pwrite)
+            img._close_files()                           # no flush: the "crash"
+        return done
+
+    assert attempt(0)                   # no crash: count the pwrites
+    total = count[0]
+    assert total > 20
+    for n in [*range(1, total, max(1, total // 40)), total - 1, total, 0]:    # 0: no crash
+        assert attempt(n) == (n == 0)
+        r = qemu_img("check", work, check=False)
+        assert r.returncode in (0, 3), f"crash at pwrite {n}:\n{r.stdout}"
+        with Qcow2Image(str(work), read_only=True) as img:
+            assert img.size == (old if n else new), n
+            assert img.read(0, img.size) == (model if n else grown), n

@@ -10,6 +10,7 @@ import hashlib
 import os
 import struct
 import subprocess
+import tracemalloc
 
 import pytest
 
@@ -241,3 +242,126 @@ def test_other_refcount_widths_read_only(tmp_path):
         assert img.read(0, 4096) == b"\x07" * 4096
         with pytest.raises(ReadOnlyImage, match="32-bit refcounts"):
             img.write(0, b"x")
+
+
+def _layout(path):
+    """(refcount table offset, first refcount block offset, L1 offset, first L2 offset)."""
+    data = path.read_bytes()
+    rt, l1 = struct.unpack_from(">Q", data, 48)[0], struct.unpack_from(">Q", data, 40)[0]
+    return rt, struct.unpack_from(">Q", data, rt)[0], l1, _l2_entry_offset(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("all_same_block", "refcount block 1 at .* is used twice"),
+    ("unaligned", "refcount block 1 at .* is not cluster aligned"),
+    ("past_eof", "refcount block 1 at .* lies outside the file"),
+    ("on_l1", "refcount block 1 at .* overlaps"),
+    ("on_l2", "refcount block 1 at .* overlaps"),
+    ("on_refcount_table", "refcount block 1 at .* overlaps"),
+])
+def test_bad_refcount_table_refused_for_writing(good, tmp_path, case, match):
+    """A refcount block used twice, misplaced or on other metadata is refused at a
+    writable open (the all-same-block case used to make one 4 KiB write run for
+    minutes, loading the block again and again). Reading needs no refcounts."""
+    rt, rb, l1, l2 = _layout(good)
+    data = bytearray(good.read_bytes())
+    if case == "all_same_block":    # every entry -> one block in which every cluster is used
+        struct.pack_into(">8192Q", data, rt, *[rb] * 8192)
+        struct.pack_into(">32768H", data, rb, *[1] * 32768)
+    else:
+        bad = {"unaligned": rb + 512, "past_eof": 1 << 40, "on_l1": l1, "on_l2": l2,
+               "on_refcount_table": rt}[case]
+        struct.pack_into(">Q", data, rt + 8, bad)
+    path = tmp_path / "badrt.qcow2"
+    path.write_bytes(data)
+    before = sha(path)
+    with pytest.raises(ImageError, match=match) as exc:
+        Qcow2Image(str(path))
+    assert str(path) in str(exc.value)
+    with Qcow2Image(str(path), read_only=True) as img:
+        assert img.read(0, 4) == b"\x5a" * 4
+    assert sha(path) == before
+
+
+def test_counted_clusters_past_eof_are_never_reused(good, tmp_path):
+    """Clusters qemu counted but never wrote (a crash leak) lie past the end of the
+    file: allocation starts after the highest of them and never hands one out."""
+    rt, rb, _, _ = _layout(good)
+    data = bytearray(good.read_bytes())
+    eof = -(-len(data) // 65536)
+    for c in [*range(eof, eof + 40), 5000]:
+        struct.pack_into(">H", data, rb + 2 * c, 1)
+    path = tmp_path / "leaky.qcow2"
+    path.write_bytes(data)
+    with Qcow2Image(str(path)) as img:
+        assert img.rc.next_free == 5001
+        img.write(MiB, b"\x77" * 4096)
+        img.write(8 * MiB, os.urandom(3 * 65536))
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert r.returncode == 3 and "41 leaked clusters" in r.stdout, r.stdout   # leaks only
+    with Qcow2Image(str(path), read_only=True) as img:
+        assert img.read(MiB, 4096) == b"\x77" * 4096
+        assert img.read(0, 4) == b"\x5a" * 4
+
+
+def test_l1_checked_at_writable_open(tmp_path):
+    """Every L1 entry is checked before it is remembered as metadata: millions of
+    bogus entries used to cost hundreds of MiB per open."""
+    big = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", big, 4096 * MiB)     # 8 L1 entries
+    l1_off = struct.unpack_from(">Q", big.read_bytes(), 40)[0]
+    for i, e, what in [(3, 1 << 45, "outside"), (5, 0x10000 + 512, "unaligned")]:
+        path = patched(big, tmp_path, f"l1_{what}", (">Q", l1_off + 8 * i, (1 << 63) | e))
+        before = sha(path)
+        with pytest.raises(ImageError, match=f"L1 entry {i} .* invalid or points outside"):
+            Qcow2Image(str(path))
+        assert sha(path) == before
+
+
+def test_huge_hostile_l1_is_cheap_to_refuse(tmp_path):
+    """The reviewer's image: a 32 MiB L1 of distinct entries, nearly all past the end."""
+    path = tmp_path / "bigl1.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, 64 * MiB)
+    n = (32 * MiB) // 8
+    end = -(-path.stat().st_size // 65536) * 65536
+    with open(path, "r+b") as f:
+        f.seek(end)
+        for k in range(0, n, 1 << 16):     # entry i -> cluster i + 1
+            f.write(struct.pack(f">{1 << 16}Q", *((i + 1) << 16 for i in range(k, k + (1 << 16)))))
+        f.seek(36)
+        f.write(struct.pack(">I", n))
+        f.seek(40)
+        f.write(struct.pack(">Q", end))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="L1 entry [0-9]+ .* outside the file"):
+            Qcow2Image(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 80 * MiB, peak        # the 32 MiB table (read, then swapped), no more
+
+
+def test_refcount_underflow_stops_writing_consistently(good, tmp_path):
+    """A free the refcounts cannot cover (corrupt image) fails before any count changes,
+    and the image turns read-only instead of failing again on every later flush."""
+    data = good.read_bytes()
+    rt, rb, _, l2 = _layout(good)
+    host0, host1 = (struct.unpack_from(">Q", data, l2 + 8 * i)[0] & 0x00FFFFFFFFFFFE00
+                    for i in (0, 1))
+    path = patched(good, tmp_path, "under", (">H", rb + 2 * (host1 >> 16), 0))
+    img = Qcow2Image(str(path))
+    try:
+        img.zero(0, 2 * 65536)          # frees host0 (count 1), then host1 (count 0)
+        with pytest.raises(ImageError, match=f"refcount underflow at cluster {host1 >> 16}"):
+            img.flush()
+        assert img.read_only and img._pending_free == []
+        assert img.rc.get(host0 >> 16) == 1          # nothing half applied
+        with pytest.raises(ReadOnlyImage, match="refcount underflow"):
+            img.write(0, b"x")
+        img.flush()                                   # nothing more to do, no error
+        assert img.read(0, 2 * 65536) == bytes(2 * 65536)
+    finally:
+        img.close()
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert r.returncode == 3, r.stdout      # the zeroing is on disk; host0 merely leaks

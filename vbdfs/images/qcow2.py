@@ -135,7 +135,10 @@ class Qcow2Image(Image):
             self.meta.add(0)
             first = self.l1_offset >> bits
             self.meta.update(range(first, first + self.l1_clusters))
-            self.meta.update((e & OFFSET_MASK) >> bits for e in self.l1 if e & OFFSET_MASK)
+            # Checked before use: a hostile L1 must not fill memory with bogus clusters.
+            for i, e in enumerate(self.l1):
+                if e & OFFSET_MASK:
+                    self.meta.add(self._l2_offset(i, e) >> bits)
             self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
                                 h.refcount_table_clusters, st.st_size, self.meta)
         if h.backing_file:
@@ -236,17 +239,22 @@ class Qcow2Image(Image):
             self._cache.move_to_end(l1i)
             return t
         e = self.l1[l1i]
-        off = e & OFFSET_MASK
-        if not off:
+        if not e & OFFSET_MASK:
             return None
-        if e & L1_RESERVED or off & (self.cs - 1) or off + self.cs > self._file_end:
-            raise ImageError(f"{self.path}: L1 entry {l1i} ({e:#x}) is invalid or points "
-                             f"outside the file")
+        off = self._l2_offset(l1i, e)
         t = _L2(off, load_be(self.fd, "Q", self.cs, off), False)
         self._cache[l1i] = t
         if len(self._cache) > self._cache_max:
             self._evict()
         return t
+
+    def _l2_offset(self, l1i: int, e: int) -> int:
+        """The L2 table offset of allocated L1 entry e, checked against the file."""
+        off = e & OFFSET_MASK
+        if e & L1_RESERVED or off & (self.cs - 1) or off + self.cs > self._file_end:
+            raise ImageError(f"{self.path}: L1 entry {l1i} ({e:#x}) is invalid or points "
+                             f"outside the file")
+        return off
 
     def _evict(self) -> None:
         l1i, t = next(iter(self._cache.items()))
@@ -661,13 +669,31 @@ class Qcow2Image(Image):
             os.fsync(fd)
         # 5. only now drop the references that were replaced, and punch out the space
         if self._pending_free:
-            freed = sorted(c for c in self._pending_free if rc.decref(c) == 0)
-            self._pending_free = []
+            pending, self._pending_free = self._pending_free, []
+            self._check_frees(pending)
+            freed = sorted(c for c in pending if rc.decref(c) == 0)
             rc.write_blocks()
             os.fsync(fd)
             for start, n in _runs(freed):
                 punch_hole(fd, start << bits, n << bits)
         self._dirty = False
+
+    def _check_frees(self, pending: list[int]) -> None:
+        """Refuse, before changing any count, frees the refcounts cannot cover.
+
+        That means the image was corrupt (a count below its references). What
+        is on disk is consistent (at worst leaked clusters), so stop writing.
+        """
+        rc = self.rc
+        need: dict[int, int] = {}
+        for c in pending:
+            need[c] = need.get(c, 0) + 1
+        bad = next((c for c, k in need.items() if rc.get(c) < k), None)
+        if bad is not None:
+            self.read_only = True
+            self.read_only_reason = (f"refcount underflow at cluster {bad}: the image is "
+                                     f"corrupt (run 'qemu-img check -r all')")
+            raise ImageError(f"{self.path}: {self.read_only_reason}; further writes refused")
 
     def resize(self, new_size: int) -> None:
         self.check_writable()
@@ -682,11 +708,10 @@ class Qcow2Image(Image):
         if need * 8 > qh.MAX_L1_BYTES:
             raise ImageError(f"{self.path}: size {new_size} needs an L1 table larger than "
                              f"qemu's limit")
-        fields = {"size": new_size}
         if need > len(self.l1):
             self.flush()    # the old L1 on disk must be complete before we copy it
             self.l1.extend([0] * (need - len(self.l1)))
-            fields["l1_size"] = need
+            fields = {"l1_size": need}
             if need * 8 > self.l1_clusters * self.cs:   # move it to a bigger place
                 bits = self.cluster_bits
                 n = -(-need * 8 // self.cs)
@@ -698,7 +723,16 @@ class Qcow2Image(Image):
                 self.l1_offset, self.l1_clusters = host, n
                 fields["l1_table_offset"] = host
             self.l1_dirty = True
-        self._hdr_fields.update(fields)
+            self._hdr_fields.update(fields)     # a bigger L1 is valid under the old size
+        # Like qemu: the new area reads zeros, not the backing file's bytes past the
+        # old end. Zero it before the new size reaches the header, so a crash leaves
+        # the old size or the new one with zeros (a sync forced meanwhile by a cache
+        # eviction writes only the L1 change).
+        old_size = self.size
+        top = min(new_size, self.backing.size if self.backing is not None else 0)
+        if top > old_size:
+            self._zero(old_size, top - old_size)
+        self._hdr_fields["size"] = new_size
         self.size = new_size
         self._sync()
 
