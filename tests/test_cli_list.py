@@ -51,3 +51,26 @@ def test_store_from_env_and_flag_precedence(store, tmp_path):
 def test_usage_errors_exit_2():
     assert vbdctl("no-such-command").returncode == 2
     assert vbdctl().returncode == 2
+
+
+def test_command_table_matches_the_modules():
+    """vbdctl loads only the invoked command's module: its table must be right."""
+    import argparse
+    import importlib
+    from vbdfs import cli
+    for module in set(cli.COMMANDS.values()):
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"vbdfs.cli.{module}").register(sub)
+        registered = set(sub.choices)
+        assert registered == {c for c, m in cli.COMMANDS.items() if m == module}, module
+    assert cli.command_in(["--store", "export", "-v", "list", "x"]) == "list"
+    assert cli.command_in(["--node", "n1", "export", "web", "/tmp"]) == "export"
+    assert cli.command_in(["-v"]) is None
+
+
+def test_help_lists_every_command():
+    r = vbdctl("--help")
+    from vbdfs import cli
+    assert r.returncode == 0
+    for command in cli.COMMANDS:
+        assert f"    {command} " in r.stdout, command

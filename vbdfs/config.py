@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import tomllib
 
 DEFAULT_CONFIG = "/etc/vbdfs/vbdfs.toml"
 
@@ -23,7 +21,7 @@ class ConfigError(Exception):
 class Config:
     store: str = "/srv/ganeti/file-storage"
     mountpoint: str = "/run/vbdfs"
-    node: str = dataclasses.field(default_factory=socket.gethostname)
+    node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
     # Ganeti's whitelist of directories allowed for custom file storage paths.
     file_storage_paths: str = "/etc/ganeti/file-storage-paths"
 
@@ -42,12 +40,12 @@ def load(path: str | None = None, use_env: bool = False, env=os.environ) -> Conf
     cfg = Config()
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            values = _parse_toml(f, path)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
         values = {}
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except OSError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     known = {f.name for f in dataclasses.fields(Config)}
     for key, value in values.items():
@@ -60,3 +58,11 @@ def load(path: str | None = None, use_env: bool = False, env=os.environ) -> Conf
     if use_env:
         cfg = cfg.override(**{k: env.get(v) or None for k, v in _ENV.items()})
     return cfg
+
+
+def _parse_toml(f, path: str) -> dict:
+    import tomllib      # only when there is a file: vbdctl starts faster without it
+    try:
+        return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
