@@ -410,3 +410,24 @@ def test_target_mount_of_another_node_is_refused(store, mount):
     r = vbdctl(store, "node1", "failover", "web", "--target", "node2",
                "--target-mountpoint", node1.path, "--stop-command", "")
     assert r.returncode == 1 and manifest_bytes(store) == before
+
+
+def test_stop_command_from_the_config_file(store, tmp_path, monkeypatch):
+    """stop_command set once in vbdfs.toml; --stop-command still overrides it."""
+    from vbdfs import config
+    cfg_file = tmp_path / "vbdfs.toml"
+    cfg_file.write_text('stop_command = "/nonexistent/stopper {instance}"\n')
+    cfg = config.load(str(cfg_file))
+    assert cfg.stop_command == "/nonexistent/stopper {instance}"
+    assert cfg.start_command == fo.DEFAULT_START
+    make_instance(store, "web", MiB)
+    fo.modify(store, "web", "node1", "node2")
+    before = manifest_bytes(store)
+    env = dict(os.environ, VBDFS_CONFIG=str(cfg_file))
+    r = subprocess.run([sys.executable, "-m", "vbdfs.cli", "--store", store.root,
+                        "--whitelist", store.whitelist_file, "--node", "node1",
+                        "failover", "web", "--target", "node2",
+                        "--target-mountpoint", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "/nonexistent/stopper" in r.stdout + r.stderr
+    assert manifest_bytes(store) == before

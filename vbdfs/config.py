@@ -24,6 +24,9 @@ class Config:
     node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
     # Ganeti's whitelist of directories allowed for custom file storage paths.
     file_storage_paths: str = "/etc/ganeti/file-storage-paths"
+    # How vbdctl failover stops and starts a domain ({instance}, {primary}, {target}).
+    stop_command: str = "xl shutdown -w {instance}"
+    start_command: str = "xl create /etc/xen/{instance}.cfg"
 
     def override(self, **values) -> "Config":
         """A copy with every non-None value replaced."""
@@ -52,7 +55,7 @@ def load(path: str | None = None, use_env: bool = False, env=os.environ) -> Conf
         if key not in known:
             raise ConfigError(f"config file {path}: unknown setting {key!r} "
                               f"(known: {', '.join(sorted(known))})")
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not (value or key == "stop_command"):
             raise ConfigError(f"config file {path}: {key} must be a non-empty string")
     cfg = cfg.override(**values)
     if use_env:

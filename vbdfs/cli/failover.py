@@ -38,11 +38,13 @@ def register(sub) -> None:
                        help="where TARGET's vbdfs daemon serves the store, as seen here "
                        "(default: --mountpoint)")
         if name == "failover":
-            p.add_argument("--stop-command", default=fo.DEFAULT_STOP, metavar="CMD",
+            p.add_argument("--stop-command", metavar="CMD",
                            help="stops the domain; words may use {instance}, {primary}, "
-                           "{target} (default %(default)r; '' if it is already stopped)")
-            p.add_argument("--start-command", default=fo.DEFAULT_START, metavar="CMD",
-                           help="starts the domain with --start (default %(default)r)")
+                           "{target} (default: the config file's stop_command, else "
+                           f"{fo.DEFAULT_STOP!r}; '' if it is already stopped)")
+            p.add_argument("--start-command", metavar="CMD",
+                           help="starts the domain with --start (default: the config "
+                           f"file's start_command, else {fo.DEFAULT_START!r})")
             p.add_argument("--attach", action="store_true",
                            help="attach the disks on TARGET through --target-mountpoint")
             p.add_argument("--start", action="store_true",
@@ -90,8 +92,10 @@ def cmd_migrate_check(ctx, args):
 def cmd_failover(ctx, args):
     try:
         results = fo.failover(ctx.store, args.instance, args.target, _target_mp(ctx, args),
-                              ctx.node, stop_command=args.stop_command,
-                              start_command=args.start_command, do_attach=args.attach,
+                              ctx.node,
+                              stop_command=_or(args.stop_command, ctx.config.stop_command),
+                              start_command=_or(args.start_command, ctx.config.start_command),
+                              do_attach=args.attach,
                               do_start=args.start, log=print)
     except fo.ChecksFailed as e:
         _show(e.results, args)
@@ -99,3 +103,8 @@ def cmd_failover(ctx, args):
         return 1
     print(f"instance {args.instance} failed over to {args.target} "
           f"({len(results)} checks passed)")
+
+
+def _or(option, configured):
+    """The option if given (even ''), else the config file's setting."""
+    return configured if option is None else option
