@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vbdfs.store import (DiskSpec, InvalidName, ManifestError, StoreError, UnsafePath,
+from vbdfs.store import (DiskSpec, InvalidName, ManifestError, Store, StoreError, UnsafePath,
                          check_instance_name, disk_index, disk_name)
 from vbdfs.store import paths
 from vbdfs import config
@@ -160,3 +160,39 @@ def test_config_file_and_env(tmp_path):
         config.load(str(f))
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(str(tmp_path / "missing.toml"))
+
+
+def test_symlinks_cannot_lead_out_of_the_whitelist(store, tmp_path):
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    open(store.whitelist_file, "w").write(f"{nas}\n")
+    (nas / "evil").symlink_to("/etc")
+    with pytest.raises(UnsafePath, match="leads through a symlink to /etc"):
+        store.create("web", [DiskSpec(MiB)], directory=str(nas / "evil"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (nas / "out").symlink_to(elsewhere)
+    with pytest.raises(UnsafePath, match="not strictly below"):
+        store.create("web", [DiskSpec(MiB)], directory=str(nas / "out"))
+    assert store.instances() == [] and not os.path.exists("/etc/web")
+
+
+def test_symlinked_instance_dir_or_disk_is_refused(store, tmp_path):
+    store.create("web", [DiskSpec(MiB)])
+    target = tmp_path / "other"
+    target.mkdir()
+    disk = os.path.join(store.root, "web", "sda")
+    os.rename(disk, target / "sda")
+    os.symlink(target / "sda", disk)
+    with pytest.raises(ManifestError, match="is a symlink"):
+        store.load("web")
+
+
+def test_store_given_through_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    via_link = Store(str(tmp_path / "link"), str(tmp_path / "wl"))
+    via_link.create("web", [DiskSpec(MiB)])
+    assert via_link.load("web").disks[0].path == str(real / "web" / "sda")
+    Store(str(real), str(tmp_path / "wl")).remove("web")     # the other spelling manages it

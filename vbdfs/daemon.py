@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         return 1
     cfg = cfg.override(store=args.store, mountpoint=args.mountpoint, node=opts.get("node"),
                        file_storage_paths=opts.get("whitelist"))
-    store_dir, mountpoint = os.path.abspath(cfg.store), os.path.abspath(cfg.mountpoint)
+    store_dir, mountpoint = os.path.realpath(cfg.store), os.path.abspath(cfg.mountpoint)
     try:
         check_paths(store_dir, mountpoint)
     except StartError as e:

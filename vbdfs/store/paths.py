@@ -71,15 +71,31 @@ def read_whitelist(filename: str) -> list[str]:
 
 
 def check_custom_dir(path: str, whitelist_file: str) -> str:
-    """A custom storage directory: allowed only strictly below a whitelisted one."""
+    """A custom storage directory: allowed only strictly below a whitelisted one.
+
+    Checked as written and as resolved (a symlink in a whitelisted directory
+    must not lead to /etc); the resolved path is returned, so what is later
+    created or removed is what was checked.
+    """
     path = check_not_forbidden(path)
+    real = os.path.realpath(path)
+    if real != path:
+        try:
+            check_not_forbidden(real)
+        except UnsafePath as e:
+            raise UnsafePath(f"custom storage path {path} leads through a symlink to "
+                             f"{real}: {e}") from None
     allowed = read_whitelist(whitelist_file)
     if not allowed:
         raise UnsafePath(f"custom storage path {path} refused: {whitelist_file} "
                          "lists no allowed directory")
     for root in allowed:
-        if is_below(path, root):
-            return path
+        if is_below(path, root) and is_below(real, os.path.realpath(root)):
+            return real
+    if any(is_below(path, root) for root in allowed):
+        raise UnsafePath(f"custom storage path {path} leads through a symlink to {real}, "
+                         f"which is not strictly below any directory listed in "
+                         f"{whitelist_file}")
     raise UnsafePath(f"custom storage path {path} is not strictly below any directory "
                      f"listed in {whitelist_file} ({', '.join(allowed)})")
 

@@ -45,7 +45,8 @@ CONVERT_JOURNAL = f".{MANIFEST}.convert"  # the new manifest while a convert swa
 
 class Store:
     def __init__(self, root: str, whitelist_file: str = "/etc/ganeti/file-storage-paths"):
-        self.root = os.path.abspath(root)
+        # Resolved, so that manifests name one spelling of every path.
+        self.root = os.path.realpath(root)
         self.whitelist_file = whitelist_file
 
     # --- layout --------------------------------------------------------
@@ -124,12 +125,20 @@ class Store:
         if base != disk or inst != instance or norm != path:
             raise ManifestError(f"{where}: disk {disk} path {path} is not "
                                 f".../{instance}/{disk}")
+        # Whoever can write the (shared) storage must not redirect a disk elsewhere.
+        for p in (inst_dir, path):
+            if os.path.islink(p):
+                raise ManifestError(f"{where}: disk {disk}: {p} is a symlink; vbdfs does "
+                                    "not follow symlinks in the store")
         if parent == self.root:
             return
         try:
-            paths.check_custom_dir(parent, self.whitelist_file)
+            real = paths.check_custom_dir(parent, self.whitelist_file)
         except paths.UnsafePath as e:
             raise ManifestError(f"{where}: disk {disk}: {e}") from None
+        if real != parent:
+            raise ManifestError(f"{where}: disk {disk}: {parent} leads through a symlink "
+                                f"to {real}")
 
     def save(self, manifest: Manifest) -> None:
         """Replace the manifest atomically. The caller holds the instance lock."""
