@@ -40,6 +40,11 @@ def wait_for(predicate, timeout=10.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
 class Mount:
     """A vbdfs daemon (foreground child) serving store at path."""
 
@@ -77,7 +82,8 @@ class Mount:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if os.path.ismount(self.path):
+        # Not os.path.ismount: a killed daemon's mount answers ENOTCONN to stat.
+        if is_mounted(self.path):
             subprocess.run(["fusermount3", "-u", "-z", self.path], check=False)
         return self.proc.returncode
 

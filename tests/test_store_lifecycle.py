@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import GiB, MiB
-from vbdfs.store import (DiskSpec, SizeError, StoreError, parse_growth, parse_size)
+from vbdfs.store import (DiskSpec, ManifestError, SizeError, StoreError, parse_growth,
+                         parse_size)
 from vbdfs.store import store as store_mod
 
 
@@ -138,3 +139,63 @@ def test_lock_many_is_ordered(store):
         with pytest.raises(store_mod.LockBusy, match="instance a is locked"):
             with store.lock("a", wait=False):
                 pass
+
+
+def _converted(store, name="web", fmt="qcow2"):
+    """The manifest a convert of sda to fmt writes as its journal."""
+    import dataclasses
+    m = store.load(name)
+    return dataclasses.replace(m, disks=[dataclasses.replace(m.disks[0], format=fmt)])
+
+
+def test_convert_killed_before_the_swap(store):
+    """Journal written, copy still beside the disk: the disk is as it was, whatever its bytes say."""
+    from vbdfs.store.store import CONVERT_JOURNAL
+    store.create("web", [DiskSpec(MiB)])
+    sda = store.load("web").disks[0].path
+    with open(sda, "r+b") as f:
+        f.write(b"QFI\xfb")                      # a guest wrote a qcow2 magic into its raw disk
+    tmp = os.path.join(os.path.dirname(sda), ".sda.convert-4242")
+    open(tmp, "wb").close()
+    journal = os.path.join(store.instance_dir("web"), CONVERT_JOURNAL)
+    text = _converted(store).to_json()
+    open(journal, "w").write(text)
+    with pytest.raises(ManifestError, match=f"not swapped yet .*delete {journal} and {tmp}"):
+        store.load("web")
+
+
+def test_convert_killed_after_the_swap(store):
+    from vbdfs.store.store import CONVERT_JOURNAL
+    store.create("web", [DiskSpec(MiB)])
+    journal = os.path.join(store.instance_dir("web"), CONVERT_JOURNAL)
+    text = _converted(store).to_json()
+    open(journal, "w").write(text)
+    with pytest.raises(ManifestError, match="converted image is in place: move"):
+        store.load("web")
+
+
+def test_remove_after_a_convert_killed_mid_copy_leaves_nothing(store):
+    store.create("web", [DiskSpec(MiB)])
+    sda = store.load("web").disks[0].path
+    open(os.path.join(os.path.dirname(sda), ".sda.convert-4242"), "wb").write(b"x" * 4096)
+    open(os.path.join(store.instance_dir("web"), ".manifest.json.tmp.4242"), "w").write("{")
+    store.remove("web")
+    assert os.listdir(store.root) == [".vbdfs"]
+    store.create("web", [DiskSpec(MiB)])              # the name is usable again
+
+
+def test_rename_killed_after_moving_a_data_directory(store, tmp_path):
+    """The old manifest's disks are gone: load refuses with a way out, remove orphans nothing."""
+    from vbdfs.store.store import RENAME_JOURNAL
+    nas = tmp_path / "nas" / "vms"
+    nas.mkdir(parents=True)
+    open(store.whitelist_file, "w").write(f"{nas.parent}\n")
+    m = store.create("rn", [DiskSpec(MiB)], directory=str(nas))
+    journal = os.path.join(store.instance_dir("rn"), RENAME_JOURNAL)
+    open(journal, "w").write(m.to_json().replace('"rn"', '"rn2"').replace("/rn/", "/rn2/"))
+    os.rename(nas / "rn", nas / "rn2")
+    with pytest.raises(ManifestError, match="rename of this instance was interrupted"):
+        store.load("rn")
+    with pytest.raises(ManifestError):
+        store.remove("rn")
+    assert os.path.exists(nas / "rn2" / "sda")

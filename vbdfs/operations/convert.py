@@ -18,6 +18,7 @@ manifest holds the right one: move it over manifest.json to finish.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import time
 
@@ -43,7 +44,11 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             raise TransferError(f"{what} is already {to}")
         inuse.refuse_if_used(store, mountpoint, node, "convert", d.name)(m)
         started = time.monotonic()
-        tmp = os.path.join(os.path.dirname(d.path), f".{d.name}.convert-{os.getpid()}")
+        data_dir = os.path.dirname(d.path)
+        # A killed convert's copy (no journal, or load() would have refused): ours now.
+        for stale in glob.glob(os.path.join(glob.escape(data_dir), f".{d.name}.convert-*")):
+            os.unlink(stale)
+        tmp = os.path.join(data_dir, f".{d.name}.convert-{os.getpid()}")
         journal = os.path.join(store.instance_dir(name), JOURNAL)
         tick = (lambda n: progress(n, 2 * d.size)) if progress else None
         swapped = False
@@ -82,7 +87,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                 raise TransferError(f"{what}: the image is now {to} but the manifest was "
                                     f"not replaced ({e}): move {journal} over "
                                     f"{store.manifest_path(name)}") from None
-            for p in (tmp, journal):
+            for p in (journal, tmp):   # journal first: a journal without its temp means swapped
                 try:
                     os.unlink(p)
                 except FileNotFoundError:

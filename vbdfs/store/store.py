@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import logging
 import os
 import stat
@@ -93,26 +94,51 @@ class Store:
             raise StoreError(f"instance {name} does not exist in {self.root}") from None
         except OSError as e:
             raise ManifestError(f"{path}: {e.strerror}") from None
-        journal = os.path.join(os.path.dirname(path), CONVERT_JOURNAL)
-        if os.path.exists(journal):
-            # The image may already be in the new format while the manifest
-            # names the old one: serving it so could let a guest overwrite
-            # qcow2 metadata, or have a raw disk's contents parsed as qcow2.
-            raise ManifestError(
-                f"{path}: a convert of this instance was interrupted; {journal} holds the "
-                "manifest for the converted image. If the disk file starts with the "
-                "converted format's header, move the journal over manifest.json; "
-                "otherwise delete the journal")
         m = Manifest.from_json(text, where=path)
+        meta_dir = os.path.dirname(path)
+        rename_journal = os.path.join(meta_dir, RENAME_JOURNAL)
         if m.name != name:
             hint = ""
-            if os.path.exists(os.path.join(os.path.dirname(path), RENAME_JOURNAL)):
+            if os.path.exists(rename_journal):
                 hint = (f" (a rename was interrupted: {RENAME_JOURNAL} next to it holds the "
                         "new manifest; move it over the manifest to finish the rename)")
             raise ManifestError(f"{path}: names instance {m.name!r}, expected {name!r}{hint}")
+        if os.path.exists(rename_journal):
+            # Some data directories may already carry the new name: the disks
+            # named here can be missing, and remove would orphan them.
+            raise ManifestError(
+                f"{path}: a rename of this instance was interrupted ({rename_journal} holds "
+                "the manifest under the new name). If every disk file this manifest names "
+                "still exists, nothing was moved: delete the journal. Otherwise finish it: "
+                "rename this directory to the new name and move the journal over "
+                "manifest.json there.")
+        self._check_convert(m, path)
         for d in m.disks:
             self.check_disk_path(name, d.name, d.path, where=path)
         return m
+
+    def _check_convert(self, m: Manifest, path: str) -> None:
+        """Refuse an instance whose convert was interrupted, saying which way to go.
+
+        The image may already be in the new format while the manifest names
+        the old one: serving it so could let a guest overwrite qcow2 metadata,
+        or have a raw disk's own bytes parsed as a qcow2 header. Which way is
+        decided by the converted copy, never by a header a guest could write:
+        convert renames its temp file over the disk only after the journal is
+        written, and on failure removes the journal before the temp file.
+        """
+        journal = os.path.join(os.path.dirname(path), CONVERT_JOURNAL)
+        if not os.path.exists(journal):
+            return
+        temps = sorted(t for d in m.disks
+                       for t in glob.glob(os.path.join(glob.escape(os.path.dirname(d.path)),
+                                                       f".{d.name}.convert-*")))
+        if temps:
+            how = (f"the disk was not swapped yet and is as it was: delete {journal} and "
+                   f"{', '.join(temps)}")
+        else:
+            how = f"the converted image is in place: move {journal} over {path}"
+        raise ManifestError(f"{path}: a convert of this instance was interrupted; {how}")
 
     def check_disk_path(self, instance: str, disk: str, path: str, where: str) -> None:
         """A disk file is DIR/INSTANCE/DISK with DIR the store or a whitelisted directory."""
@@ -369,6 +395,8 @@ class Store:
             for d in m.disks:
                 _remove_quietly(d.path)
             data_dirs = {os.path.dirname(d.path) for d in m.disks} - {meta_dir}
+            for directory in data_dirs | {meta_dir}:
+                _remove_leftovers(directory)
             # Manifest last: a crash half-way leaves a listed instance, not orphans.
             os.unlink(os.path.join(meta_dir, MANIFEST))
             for d in sorted(data_dirs) + [meta_dir]:
@@ -577,6 +605,18 @@ def _lstat(path: str):
         return os.lstat(path)
     except FileNotFoundError:
         return None
+
+def _remove_leftovers(directory: str) -> None:
+    """Our own temp files a killed vbdctl left (a convert's copy, a manifest's temp)."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(".") and (".convert-" in entry or
+                                      entry.startswith(f".{MANIFEST}.tmp.")):
+            _remove_quietly(os.path.join(directory, entry))
+
 
 def _remove_quietly(path: str) -> None:
     try:
