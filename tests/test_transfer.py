@@ -88,7 +88,7 @@ def store_entries(store):
 
 # --- checksum -------------------------------------------------------------------
 def test_checksum_matches_the_documented_algorithm(store, tmp_path, ctl):
-    make_instance(store, "small", 8 * MiB + 1000)       # size not a multiple of 4 KiB
+    make_instance(store, "small", 8 * MiB + 1024)       # size not a multiple of 4 KiB
     d = store.load("small").disks[0]
     with open_image(d.path, "raw") as img:
         img.write(0, b"\1" * 4096)
@@ -158,7 +158,7 @@ def test_export_in_the_other_format_and_import_as_another(store, tmp_path, ctl):
 
 def test_config_ini_is_ganeti_style(store, tmp_path, ctl):
     m = store.create("db", [DiskSpec(
-        size=3 * MiB + 5)], os_name="debootstrap+default", primary="node1")
+        size=3 * MiB + 512)], os_name="debootstrap+default", primary="node1")
     out = tmp_path / "exp"
     out.mkdir()
     ctl("export", "db", str(out), check=0)
@@ -171,7 +171,7 @@ def test_config_ini_is_ganeti_style(store, tmp_path, ctl):
     assert (i["name"], i["disk_template"], i["disk_count"]) == ("db", "file", "1")
     assert (i["disk0_ivname"], i["disk0_size"], i["disk0_dump"], i["disk0_name"]) == \
         ("disk/0", "4", "sda.raw", "sda")        # MiB, rounded up
-    assert c["vbdfs"]["disk0_bytes"] == str(3 * MiB + 5)
+    assert c["vbdfs"]["disk0_bytes"] == str(3 * MiB + 512)
     assert json.loads((out / "db" / "manifest.json").read_text()) == m.to_dict()
 
 
@@ -404,3 +404,72 @@ def test_feed_fast_path_matches_block_by_block():
     assert runs_of(tail_zero)[0] == [(0, tail_zero[:3 * GRAIN])]
     assert [off for off, _ in runs_of(holed)[0]] == [0, 2 * GRAIN]
     assert runs_of(unaligned_zeros)[0] == [(0, unaligned_zeros)]   # no aligned zero block
+
+
+def _header_with(stream: bytes, change) -> bytes:
+    head, rest = stream.split(b"\n", 1)
+    header = json.loads(head)
+    change(header)
+    return json.dumps(header).encode() + b"\n" + rest
+
+
+@pytest.mark.parametrize("what, change, says", [
+    ("nested", None, b"nested too deeply"),
+    ("huge disk", lambda h: [d.update(size=1 << 70) for d in h["disks"] + h["manifest"]["disks"]],
+     b"bad size"),
+    ("no disks", lambda h: (h.update(disks=[]), h["manifest"].update(disks=[])), b"no disks"),
+    ("partial sector", lambda h: [d.update(size=5000) for d in h["disks"] + h["manifest"]["disks"]],
+     b"512-byte sectors"),
+])
+def test_hostile_stream_headers_are_clear_errors(store, ctl, what, change, says):
+    make_instance(store, "web", MiB)
+    stream = ctl("export", "web", "-", check=0).stdout
+    bad = b"[" * 200000 + b"\n" if change is None else _header_with(stream, change)
+    before = store_entries(store)
+    r = ctl("import", "-", "--name", "evil", input=bad)
+    assert r.returncode == 1, r.stderr
+    assert says in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    assert store_entries(store) == before
+
+
+def test_killed_import_leftovers_are_cleared_by_the_next(store, ctl):
+    make_instance(store, "web", MiB)
+    stream = ctl("export", "web", "-", check=0).stdout
+    os.mkdir(os.path.join(store.root, ".web2.staged-abc123"))        # a SIGKILLed import's
+    ctl("import", "-", "--name", "web2", input=stream, check=0)
+    assert store_entries(store) == ["web", "web2"]
+    assert not [e for e in os.listdir(store.root) if ".staged-" in e]
+
+
+def test_sigterm_during_import_cleans_up(store, tmp_path):
+    make_instance(store, "web", 64 * MiB)
+    fill(store, "web", data=8 * MiB)
+    base = [sys.executable, "-m", "vbdfs.cli", "--store", store.root,
+            "--whitelist", store.whitelist_file]
+    stream = subprocess.run(base + ["export", "web", "-"], capture_output=True,
+                            check=True).stdout
+    imp = subprocess.Popen(base + ["import", "-", "--name", "web2"], stdin=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    imp.stdin.write(stream[:len(stream) // 2])          # half a stream, then the sender stalls
+    imp.stdin.flush()
+    wait_for(lambda: any(".staged-" in e for e in os.listdir(store.root)),
+             what="the import to start staging")
+    imp.send_signal(signal.SIGTERM)
+    assert imp.wait(timeout=30) == 1
+    assert b"interrupted" in imp.stderr.read()
+    assert store_entries(store) == ["web"]
+    assert not [e for e in os.listdir(store.root) if ".staged-" in e]
+
+
+def test_export_to_a_reader_that_quits_is_an_error(store):
+    make_instance(store, "web", 64 * MiB)
+    fill(store, "web", data=16 * MiB)
+    base = f"{sys.executable} -m vbdfs.cli --store {store.root} --whitelist {store.whitelist_file}"
+    r = subprocess.run(f"{base} export web - | head -c 5000 > /dev/null; "
+                       "echo status=${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                       capture_output=True, text=True, timeout=60)
+    assert "status=1" in r.stdout, r.stdout + r.stderr
+    assert "closed the stream early" in r.stderr
+    r = subprocess.run(f"{base} list | head -1; echo status=${{PIPESTATUS[0]}}", shell=True,
+                       executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert "status=0" in r.stdout          # list | head is fine

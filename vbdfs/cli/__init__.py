@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from .. import config as config_mod
@@ -70,19 +72,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(command_in(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="vbdctl: %(message)s")
+    # An ssh drop or a systemd stop must clean up like Ctrl-C (staging
+    # directories, temp copies), not end the process where it stands.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         cfg = config_mod.load(args.config, use_env=True)
         cfg = cfg.override(store=args.store, mountpoint=args.mountpoint, node=args.node,
                            file_storage_paths=args.whitelist)
         return args.func(Context(cfg), args) or 0
-    except BrokenPipeError:   # `vbdctl list | head`: the reader has all it wants
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:
+        # Python would complain again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args.command == "export":    # `export - | ssh ...` broke: the stream is cut short
+            print("vbdctl: export: the reader closed the stream early; "
+                  "the export is incomplete", file=sys.stderr)
+            return 1
+        return 0                        # `vbdctl list | head`: the reader has all it wants
     except ERRORS as e:
         print(f"vbdctl: {e}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ import time
 
 from ..images import ImageError, open_image
 from ..store import Store, StoreError, leases
-from ..store.manifest import Manifest
+from ..store.manifest import Manifest, ManifestError
 from . import attach
 
 DEFAULT_STOP = "xl shutdown -w {instance}"
@@ -222,7 +222,7 @@ def failover_checks(store: Store, instance: str, target: str, target_mountpoint:
     """Everything that must hold for the instance to start on target; changes nothing."""
     try:
         m = store.load(instance)
-    except (StoreError, OSError) as e:
+    except (StoreError, ManifestError, OSError) as e:
         return [CheckResult("manifest", False, str(e))]
     return ([CheckResult("manifest", True, store.manifest_path(instance)),
              check_nodes(m, target)]
@@ -279,8 +279,12 @@ def failover(store: Store, instance: str, target: str, target_mountpoint: str, n
         store.save(now)
     log(f"primary is now {target}, secondary {m.primary}")
     if do_attach:
-        for rec in attach.attach(store, target_mountpoint, target, instance):
-            log(f"attached {rec['disk']} as {rec['device']} on node {target}")
+        try:
+            for rec in attach.attach(store, target_mountpoint, target, instance):
+                log(f"attached {rec['disk']} as {rec['device']} on node {target}")
+        except StoreError as e:
+            raise FailoverError(f"{e}; the failover itself is done ({target} is primary): "
+                                f"attach on {target} again") from None
     if do_start:
         argv = format_command(start_command, fields)
         _run(argv, f"instance {instance}: starting the domain on {target}",
@@ -393,7 +397,7 @@ def migrate_checks(store: Store, instance: str, target: str,
     """
     try:
         m = store.load(instance)
-    except (StoreError, OSError) as e:
+    except (StoreError, ManifestError, OSError) as e:
         return [CheckResult("manifest", False, str(e))]
     results = ([CheckResult("manifest", True, store.manifest_path(instance)),
                 check_nodes(m, target)]

@@ -563,8 +563,13 @@ def import_stream(store: Store, f, name: str | None = None, directory: str | Non
                                 "its manifest")
     except (ValueError, AttributeError, KeyError, TypeError, ManifestError) as e:
         raise TransferError(f"import from stream: bad header: {e}") from None
+    except RecursionError:
+        raise TransferError("import from stream: bad header: nested too deeply") from None
     name = name or m.name
     check_instance_name(name)
+    # Refuse what the header promises before reading a byte of data.
+    store.check_specs(name, [DiskSpec(size=d.size, format=d.format, driver=d.driver)
+                             for d in m.disks])
     total = sum(d.size for d in m.disks)
     started = time.monotonic()
     disks = []

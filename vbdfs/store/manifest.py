@@ -18,6 +18,7 @@ VERSION = 1
 FORMATS = ("raw", "qcow2")
 DRIVERS = ("loop", "blktap", "blktap2", "qdisk")
 MAX_DISKS = 128
+MAX_SIZE = (1 << 63) - 1    # the largest file size Linux has
 
 
 class ManifestError(Exception):
@@ -124,7 +125,7 @@ class Manifest:
                 fail(f"disk {i} has unknown format {fmt!r}")
             if drv not in DRIVERS:
                 fail(f"disk {i} has unknown driver {drv!r}")
-            if type(size) is not int or size < 0:
+            if type(size) is not int or not 0 <= size <= MAX_SIZE:
                 fail(f"disk {i} has a bad size {size!r}")
             lid = d.get("logical_id")
             if (not isinstance(lid, list) or len(lid) != 3 or lid[0] != drv or lid[1] != fmt

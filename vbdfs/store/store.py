@@ -21,7 +21,8 @@ from ..images import ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from . import leases, paths
 from .locks import LockBusy, ofd_lock
-from .manifest import DRIVERS, FORMATS, MANIFEST, MAX_DISKS, Disk, Manifest, ManifestError
+from .manifest import (DRIVERS, FORMATS, MANIFEST, MAX_DISKS, MAX_SIZE, Disk, Manifest,
+                       ManifestError)
 from .names import InvalidName, check_instance_name, disk_index, disk_name
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class Store:
         return paths.join_below(directory or self.root, name)
 
     @staticmethod
-    def _check_specs(name: str, disks) -> None:
+    def check_specs(name: str, disks) -> None:
         for i, spec in enumerate(disks):
             if spec.format is not None and spec.format not in FORMATS:
                 raise StoreError(f"instance {name} disk {i}: unknown format {spec.format!r}")
@@ -228,6 +229,12 @@ class Store:
                 raise StoreError(f"instance {name} disk {i}: unknown driver {spec.driver!r}")
             if spec.size is not None and spec.size <= 0:
                 raise StoreError(f"instance {name} disk {i}: size must be positive")
+            if spec.size is not None and (spec.size % 512 or spec.size > MAX_SIZE):
+                # A block device is whole 512-byte sectors; loop would drop a partial one.
+                raise StoreError(f"instance {name} disk {i}: size {spec.size} is not a whole "
+                                 "number of 512-byte sectors (or is too large)")
+        if not disks:
+            raise StoreError(f"instance {name}: no disks")
         if len(disks) > MAX_DISKS:
             raise StoreError(f"instance {name}: {len(disks)} disks, at most {MAX_DISKS}")
 
@@ -238,7 +245,7 @@ class Store:
         self._check_root()
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
-        self._check_specs(name, disks)
+        self.check_specs(name, disks)
         for i, spec in enumerate(disks):
             if spec.size is None:
                 raise StoreError(f"instance {name} disk {i}: no size given")
@@ -290,7 +297,7 @@ class Store:
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
         if disks is not None:
-            self._check_specs(name, disks)
+            self.check_specs(name, disks)
         with self.lock(name):
             if os.path.lexists(os.path.join(meta_dir, MANIFEST)):
                 raise StoreError(f"instance {name} already exists ({meta_dir})")
@@ -521,11 +528,17 @@ class Store:
                     if os.path.lexists(d):
                         raise StoreError(f"instance {name} already exists ({d})")
             check_free()
-            staged = tempfile.mkdtemp(prefix=f".{name}.staged-", dir=os.path.dirname(data_dir))
+            # A killed import's staging directory: no import of this name can
+            # be running (we hold its lock), so it is garbage.
+            parent = os.path.dirname(data_dir)
+            for stale in glob.glob(os.path.join(glob.escape(parent), f".{name}.staged-*")):
+                log.warning("removing %s, left by an import that was killed", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            staged = tempfile.mkdtemp(prefix=f".{name}.staged-", dir=parent)
             made: list[str] = []
             try:
                 disks = fill(staged)
-                self._check_specs(name, disks)
+                self.check_specs(name, disks)
                 check_free()
                 os.rename(staged, data_dir)
                 made.append(data_dir)
