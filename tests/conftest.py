@@ -108,5 +108,22 @@ def mounted(mount):
     return mount()
 
 
+def vbdctl_runner(store: Store, mountpoint: str | None = None, text: bool = True):
+    """vbdctl bound to a store (and a mount): run(*args, check=None, ...) -> CompletedProcess.
+
+    check, if given, is the exit status the command must end with.
+    """
+    def run(*args, check=None, env=None, input=None, stdin=None):
+        where = ["--mountpoint", mountpoint] if mountpoint else []
+        r = subprocess.run([sys.executable, "-m", "vbdfs.cli", "--store", store.root, *where,
+                            "--whitelist", store.whitelist_file, *args],
+                           capture_output=True, text=text, timeout=120, env=env, input=input,
+                           stdin=stdin)
+        if check is not None:
+            assert r.returncode == check, (r.returncode, r.stdout[-2000:], r.stderr)
+        return r
+    return run
+
+
 def make_instance(store: Store, name: str, *sizes: int, fmt: str = "raw"):
     return store.create(name, [DiskSpec(size=s, format=fmt) for s in sizes])

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import GiB, MiB, Mount, wait_for
+from conftest import GiB, MiB, Mount, vbdctl_runner, wait_for
 from vbdfs.store import Store
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -31,13 +31,7 @@ def loops_backed_by(prefix):
 @pytest.fixture
 def ctl(store, mounted, tmp_path):
     """vbdctl bound to the store and the running mount; cleans up loop devices."""
-    def run(*args, check=None, env=None):
-        r = subprocess.run([sys.executable, "-m", "vbdfs.cli", "--store", store.root,
-                            "--mountpoint", mounted.path, "--whitelist", store.whitelist_file,
-                            *args], capture_output=True, text=True, timeout=120, env=env)
-        if check is not None:
-            assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
-        return r
+    run = vbdctl_runner(store, mounted.path)
     run.mount = mounted
     yield run
     for fs in (tmp_path / "fs0", tmp_path / "fs1"):

@@ -5,12 +5,11 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import tarfile
 
 import pytest
 
-from conftest import MiB, make_instance
+from conftest import MiB, make_instance, vbdctl_runner
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -49,13 +48,7 @@ def mounted_at(path):
 
 @pytest.fixture
 def ctl(store, mounted):
-    def run(*args, check=None):
-        r = subprocess.run([sys.executable, "-m", "vbdfs.cli", "--store", store.root,
-                            "--mountpoint", mounted.path, "--whitelist", store.whitelist_file,
-                            *args], capture_output=True, text=True, timeout=120)
-        if check is not None:
-            assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
-        return r
+    run = vbdctl_runner(store, mounted.path)
     run.mount = mounted
     return run
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import GiB, MiB, make_instance, wait_for
+from conftest import GiB, MiB, make_instance, vbdctl_runner, wait_for
 from vbdfs.images import open_image
 from vbdfs.operations import transfer
 from vbdfs.store import DiskSpec
@@ -29,15 +29,7 @@ PIECE = 64 << 10
 
 @pytest.fixture
 def ctl(store, tmp_path):
-    def run(*args, check=None, stdin=None, input=None):
-        r = subprocess.run([sys.executable, "-m", "vbdfs.cli", "--store", store.root,
-                            "--mountpoint", str(tmp_path / "mnt0"),
-                            "--whitelist", store.whitelist_file, *args],
-                           capture_output=True, stdin=stdin, input=input, timeout=120)
-        if check is not None:
-            assert r.returncode == check, (r.returncode, r.stdout[-2000:], r.stderr)
-        return r
-    return run
+    return vbdctl_runner(store, str(tmp_path / "mnt0"), text=False)
 
 
 def fill(store, name, data=50 * MiB, seed=1, disk=0):
