@@ -88,13 +88,19 @@ def test_mount_tar_umount_leaves_nothing(store, ctl, tmp_path, fmt):
         assert f.read(len(image)) == image
 
 
-def test_mount_errors_leave_no_loop_device(store, ctl, tmp_path):
+def small_guest(store, ctl, tmp_path):
+    """Instance web whose disk holds a one-file guest; (its view, an empty mount target)."""
     make_instance(store, "web", SIZE)
     view = ctl.mount.disk("web")
     with open(view, "r+b") as f:
         f.write(guest_disk(tmp_path, {"a": b"a"}))
     target = tmp_path / "guest"
     target.mkdir()
+    return view, target
+
+
+def test_mount_errors_leave_no_loop_device(store, ctl, tmp_path):
+    view, target = small_guest(store, ctl, tmp_path)
     r = ctl("mount", "web", "sda", str(target))          # whole disk: a partition table
     assert r.returncode == 1 and "--partition" in r.stderr, r.stderr
     r = ctl("mount", "web", "sda", str(target), "--partition", "3")
@@ -109,12 +115,7 @@ def test_mount_errors_leave_no_loop_device(store, ctl, tmp_path):
 
 
 def test_read_write_mount_writes_the_guest_disk(store, ctl, tmp_path):
-    make_instance(store, "web", SIZE)
-    view = ctl.mount.disk("web")
-    with open(view, "r+b") as f:
-        f.write(guest_disk(tmp_path, {"a": b"a"}))
-    target = tmp_path / "guest"
-    target.mkdir()
+    view, target = small_guest(store, ctl, tmp_path)
     ctl("mount", "web", "sda", str(target), "--partition", "1", "--read-write", check=0)
     (target / "restored").write_bytes(b"from backup")
     ctl("umount", str(target), check=0)

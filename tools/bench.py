@@ -68,32 +68,31 @@ def fio(path: str, rw: str, bs: str, depth: int, size: int, runtime: int) -> dic
 
 
 @contextlib.contextmanager
-def vbdfs_mount(store: Store, mnt: str):
-    os.makedirs(mnt, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f"],
-                            cwd=os.path.dirname(HERE))
+def serving(argv: list[str], mountpoint: str, what: str):
+    """Run a FUSE server until it has mounted mountpoint; SIGTERM it at the end."""
+    proc = subprocess.Popen(argv, cwd=os.path.dirname(HERE))
     try:
-        wait_for(lambda: os.path.ismount(mnt), "the vbdfs mount")
+        wait_for(lambda: os.path.ismount(mountpoint), what)
         yield
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
 
-@contextlib.contextmanager
+def vbdfs_mount(store: Store, mnt: str):
+    os.makedirs(mnt, exist_ok=True)
+    return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f"], mnt,
+                   "the vbdfs mount")
+
+
 def qsd_export(image: str, fmt: str, export: str):
     open(export, "w").close()      # a FUSE export mounts over a regular file
-    proc = subprocess.Popen([
+    return serving([
         "qemu-storage-daemon",
         "--blockdev", f"driver=file,node-name=file0,filename={image}",
         "--blockdev", f"driver={fmt},node-name=fmt0,file=file0",
-        "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable=on"])
-    try:
-        wait_for(lambda: os.path.ismount(export), "the qemu-storage-daemon export")
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        "--export", f"type=fuse,id=exp0,node-name=fmt0,mountpoint={export},writable=on"],
+        export, "the qemu-storage-daemon export")
 
 
 def prepare_images(work: str, fmt: str, size: int) -> dict:

@@ -49,8 +49,8 @@ class RawImage(Image):
         if length == 0:
             return b""
         data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            data = pread_full(self.fd, length, offset)
+        if len(data) != length:         # rare: carry on from where the read stopped
+            data += pread_full(self.fd, length - len(data), offset + len(data))
         return data
 
     def write(self, offset: int, data) -> None:
