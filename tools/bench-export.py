@@ -49,7 +49,7 @@ def make_disk(store: Store, fmt: str, size: int, data: int, seed: int) -> str:
     m = store.create(f"bench-{fmt}", [DiskSpec(size=size, format=fmt)])
     rnd = random.Random(seed)
     piece = 64 << 10
-    with open_image(m.disks[0].path, fmt, **store.image_options(fmt)) as img:
+    with open_image(m.disks[0].path, fmt, store_root=store.root) as img:
         for _ in range(data // piece):
             img.write(rnd.randrange(0, (size - piece) // 4096) * 4096, rnd.randbytes(piece))
         img.flush()

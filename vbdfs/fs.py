@@ -360,7 +360,7 @@ class VbdFs(pyfuse3.Operations):
         disk = self._disk(key)
         try:
             image = open_image(disk.path, disk.format, read_only=not writable,
-                               **self._image_options(disk))
+                               store_root=self.store.root)
         except FileNotFoundError:
             log.error("instance %s disk %s: image file %s is missing", key[0], key[1], disk.path)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -379,10 +379,6 @@ class VbdFs(pyfuse3.Operations):
         if (key, message) not in self._logged:
             self._logged.add((key, message))
             log.error("instance %s disk %s %s", key[0], key[1], message)
-
-    def _image_options(self, disk) -> dict:
-        # Backing files of qcow2 images must stay inside the store.
-        return {"store_root": self.store.root} if disk.format == "qcow2" else {}
 
     async def read(self, fh, off, size):
         try:
@@ -416,13 +412,7 @@ class VbdFs(pyfuse3.Operations):
         return n
 
     def _flush(self, fh: int) -> None:
-        try:
-            self._open[fh].image.flush()
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
-        except ImageError as e:
-            log.error("flush of %s failed: %s", self._key_of.get(fh), e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        self._open[fh].image.flush()      # errors: mapped by @contained on the callers
 
     @contained
     async def flush(self, fh):

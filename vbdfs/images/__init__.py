@@ -20,15 +20,17 @@ def _engine(fmt: str):
         from .raw import RawImage
         return RawImage
     if fmt == "qcow2":
-        try:
-            from .qcow2 import Qcow2Image
-        except ImportError as e:  # the engine lands separately
-            raise ImageError(f"qcow2 images are not supported by this build: {e}") from None
+        from .qcow2 import Qcow2Image
         return Qcow2Image
     raise ImageError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
-def open_image(path: str, fmt: str, read_only: bool = False, **options) -> Image:
+def open_image(path: str, fmt: str, read_only: bool = False, store_root: str | None = None,
+               **options) -> Image:
+    """Open an image. store_root: the directory a qcow2 image's backing files must
+    stay inside (raw images have none, so it does not concern them)."""
+    if fmt == "qcow2":
+        options["store_root"] = store_root
     return _engine(fmt)(path, read_only=read_only, **options)
 
 

@@ -42,10 +42,6 @@ class Extent(NamedTuple):
     def end(self) -> int:
         return self.offset + self.length
 
-    @property
-    def reads_zero(self) -> bool:
-        return self.kind is not Kind.DATA
-
 
 class Image:
     """Base class: subclasses implement the I/O; this holds the shared checks."""

@@ -358,7 +358,9 @@ class Qcow2Image(Image):
         kind, host, n = self._map(offset, end)
         if n == length and kind == _DATA:           # the common case: one pread
             data = os.pread(self.fd, n, host)
-            return data if len(data) == n else pread_full(self.fd, n, host)
+            if len(data) != n:          # rare: carry on from where the read stopped
+                data += pread_full(self.fd, n - len(data), host + len(data))
+            return data
         parts = []
         pos = offset
         while True:

@@ -29,10 +29,8 @@ MAX_BACKING_NAME = 1023
 # Incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-_INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",
+_INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
                    3: "compression type (non-zlib)", 4: "extended L2 entries"}
 
 # Header extension types.

@@ -18,18 +18,16 @@ manifest holds the right one: move it over manifest.json to finish.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import time
 
 from ..images import FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from ..store import Store, leases
-from ..store.store import CONVERT_JOURNAL, write_atomic
+from ..store.store import CONVERT_JOURNAL, convert_temps, write_atomic
 from . import inuse
 from .transfer import TransferError, SparseHash, checksum_text, copy_image
 
-JOURNAL = CONVERT_JOURNAL
 
 
 def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | None = None,
@@ -44,12 +42,11 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             raise TransferError(f"{what} is already {to}")
         inuse.refuse_if_used(store, mountpoint, node, "convert", d.name)(m)
         started = time.monotonic()
-        data_dir = os.path.dirname(d.path)
         # A killed convert's copy (no journal, or load() would have refused): ours now.
-        for stale in glob.glob(os.path.join(glob.escape(data_dir), f".{d.name}.convert-*")):
+        for stale in convert_temps(d):
             os.unlink(stale)
-        tmp = os.path.join(data_dir, f".{d.name}.convert-{os.getpid()}")
-        journal = os.path.join(store.instance_dir(name), JOURNAL)
+        tmp = os.path.join(os.path.dirname(d.path), f".{d.name}.convert-{os.getpid()}")
+        journal = os.path.join(store.instance_dir(name), CONVERT_JOURNAL)
         tick = (lambda n: progress(n, 2 * d.size)) if progress else None
         swapped = False
         held = []         # write leases on the old image and, once made, the new one
@@ -59,7 +56,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             held.append(leases.acquire(d.path, store.state_dir("leases"), name, d.name,
                                        "vbdctl convert"))
             with open_image(d.path, d.format, read_only=True,
-                            **store.image_options(d.format)) as src, \
+                            store_root=store.root) as src, \
                     create_image(tmp, to, d.size) as dst:
                 h = SparseHash(d.size)
                 data = copy_image(src, dst.write, h, tick)
@@ -80,7 +77,6 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             swapped = True
             fsync_dir(os.path.dirname(d.path))   # the image swap is on disk before the manifest's
             os.rename(journal, store.manifest_path(name))
-            fsync_dir(os.path.dirname(d.path))
             fsync_dir(store.instance_dir(name))
         except BaseException as e:
             if swapped:         # the image is the new one: the journal must survive

@@ -94,7 +94,7 @@ def check_disks(store: Store, m: Manifest) -> list[CheckResult]:
         out.append(CheckResult(f"file {d.name}", True, f"{d.path} ({st.st_size} bytes)"))
         try:
             with open_image(d.path, d.format, read_only=True,
-                            **store.image_options(d.format)) as img:
+                            store_root=store.root) as img:
                 size, chain = img.size, _chain(img)
         except (OSError, ImageError) as e:
             out.append(CheckResult(f"image {d.name}", False, f"{d.format}: {e}"))
@@ -363,7 +363,7 @@ def check_same_file(store: Store, m: Manifest, mountpoint: str) -> list[CheckRes
         try:
             st_here = os.stat(d.path)
             with open_image(d.path, d.format, read_only=True,
-                            **store.image_options(d.format)) as img:
+                            store_root=store.root) as img:
                 here = digest(img.read, img.size)
             st_there = os.stat(view)
             fd = os.open(view, os.O_RDONLY | os.O_CLOEXEC)

@@ -218,11 +218,6 @@ def copy_image(src: Image, put, hasher: SparseHash, progress=None) -> int:
     return written
 
 
-def _image_options(fmt: str, root: str) -> dict:
-    # Backing files of a qcow2 image must resolve inside `root`.
-    return {"store_root": root} if fmt == "qcow2" else {}
-
-
 # --- is a disk being written? ------------------------------------------------------
 def _loop_list() -> list[dict]:
     out = attach._run(["losetup", "--json", "--list"], "listing loop devices")
@@ -321,7 +316,7 @@ def _check_writers(store, m, mountpoint, node, force, action) -> list[str]:
 
 def _open_source(store: Store, m: Manifest, d) -> Image:
     try:
-        return open_image(d.path, d.format, read_only=True, **store.image_options(d.format))
+        return open_image(d.path, d.format, read_only=True, store_root=store.root)
     except (OSError, ImageError) as e:
         raise TransferError(f"instance {m.name} disk {d.name}: {e}") from None
 
@@ -469,7 +464,7 @@ def import_instance(store: Store, export_dir: str, name: str | None = None,
             what = f"import of {export_dir}: disk {s['name']} ({os.path.basename(s['dump'])})"
             try:
                 src = open_image(s["dump"], s["format"], read_only=True,
-                                 **_image_options(s["format"], export_dir))
+                                 store_root=export_dir)
             except (OSError, ImageError) as e:
                 raise TransferError(f"{what}: {e}") from None
             with src:

@@ -8,7 +8,6 @@ them between hosts. qemu uses the same kind for image locking.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -36,25 +35,9 @@ def ofd_lock(fd: int, exclusive: bool = True, start: int = 0, length: int = 0,
         raise
 
 
-def ofd_unlock(fd: int, start: int = 0, length: int = 0) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
-                struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
-
-
 def ofd_test(fd: int, exclusive: bool = True, start: int = 0, length: int = 0) -> bool:
     """True if the lock could be taken now (F_OFD_GETLK)."""
     ltype = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
     res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
                       struct.pack(_FLOCK, ltype, os.SEEK_SET, start, length, 0))
     return struct.unpack(_FLOCK, res)[0] == fcntl.F_UNLCK
-
-
-@contextlib.contextmanager
-def locked_file(path: str, wait: bool = True):
-    """Hold an exclusive OFD lock on path (created if missing) for the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        ofd_lock(fd, exclusive=True, wait=wait)
-        yield fd
-    finally:
-        os.close(fd)   # closing the only descriptor releases the OFD lock

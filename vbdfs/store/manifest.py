@@ -11,11 +11,11 @@ import dataclasses
 import json
 import os
 
+from ..images import FORMATS
 from .names import InvalidName, check_instance_name, disk_name
 
 MANIFEST = "manifest.json"
 VERSION = 1
-FORMATS = ("raw", "qcow2")
 DRIVERS = ("loop", "blktap", "blktap2", "qdisk")
 MAX_DISKS = 128
 MAX_SIZE = (1 << 63) - 1    # the largest file size Linux has

@@ -34,14 +34,6 @@ def check_instance_name(name: str) -> str:
     return name
 
 
-def is_instance_name(name: str) -> bool:
-    try:
-        check_instance_name(name)
-        return True
-    except InvalidName:
-        return False
-
-
 def disk_name(index: int, prefix: str = "sd") -> str:
     """sda, sdb, ..., sdz, sdaa, ... as Linux names disks by index."""
     if index < 0:

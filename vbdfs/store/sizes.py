@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 
+from .manifest import MAX_SIZE
+
 MiB = 1 << 20
-MAX_SIZE = (1 << 63) - 1          # off_t
 _UNITS = {"m": 1, "g": 1 << 10, "t": 1 << 20}   # in MiB
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)\Z")
 

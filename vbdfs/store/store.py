@@ -18,6 +18,7 @@ import stat
 import struct
 
 from ..images import ImageError, create_image, open_image
+from ..images import qcow2_header
 from ..images.fileops import fsync_dir
 from . import leases, paths
 from .locks import LockBusy, ofd_lock
@@ -43,6 +44,12 @@ class DiskSpec:
 
 RENAME_JOURNAL = f".{MANIFEST}.rename"   # the new manifest while a rename is under way
 CONVERT_JOURNAL = f".{MANIFEST}.convert"  # the new manifest while a convert swaps an image
+
+
+def convert_temps(disk: Disk) -> list[str]:
+    """A convert's copies of disk (named .sdX.convert-PID beside it)."""
+    return sorted(glob.glob(os.path.join(glob.escape(os.path.dirname(disk.path)),
+                                         f".{disk.name}.convert-*")))
 
 
 class Store:
@@ -131,9 +138,7 @@ class Store:
         journal = os.path.join(os.path.dirname(path), CONVERT_JOURNAL)
         if not os.path.exists(journal):
             return
-        temps = sorted(t for d in m.disks
-                       for t in glob.glob(os.path.join(glob.escape(os.path.dirname(d.path)),
-                                                       f".{d.name}.convert-*")))
+        temps = [t for d in m.disks for t in convert_temps(d)]
         if temps:
             how = (f"the disk was not swapped yet and is as it was: delete {journal} and "
                    f"{', '.join(temps)}")
@@ -200,10 +205,6 @@ class Store:
             for name in sorted(set(names)):
                 stack.enter_context(self.lock(name))
             yield
-
-    def image_options(self, fmt: str) -> dict:
-        # Backing files of qcow2 images must stay inside the store (as the daemon opens them).
-        return {"store_root": self.root} if fmt == "qcow2" else {}
 
     def _check_root(self) -> None:
         self.check_exists()
@@ -312,11 +313,11 @@ class Store:
             for i, spec in enumerate(specs):
                 path = os.path.join(data_dir, disk_name(i))
                 fmt = spec.format or probe_format(path)
-                if spec.format == "raw" and _QCOW_MAGIC == _head(path, 4):
+                if spec.format == "raw" and qcow2_header.MAGIC == _head(path, 4):
                     log.warning("instance %s: reusing %s as raw, as asked, although it "
                                 "starts with a qcow header", name, path)
                 try:
-                    with open_image(path, fmt, read_only=True, **self.image_options(fmt)) as img:
+                    with open_image(path, fmt, read_only=True, store_root=self.root) as img:
                         size = img.size
                 except (OSError, ImageError) as e:
                     raise StoreError(f"instance {name}: cannot reuse {path} as {fmt}: {e}") \
@@ -494,7 +495,7 @@ class Store:
             except leases.LeaseBusy as e:
                 raise StoreError(f"instance {name} disk {d.name}: cannot grow: {e}") from None
             try:
-                with open_image(d.path, d.format, **self.image_options(d.format)) as img:
+                with open_image(d.path, d.format, store_root=self.root) as img:
                     if img.size < new_size:
                         img.resize(new_size)
                         img.flush()
@@ -592,7 +593,6 @@ def write_atomic(path: str, data: bytes) -> None:
     fsync_dir(directory)
 
 
-_QCOW_MAGIC = b"QFI\xfb"
 
 
 def _head(path: str, n: int) -> bytes:
@@ -604,7 +604,7 @@ def probe_format(path: str) -> str:
     """'qcow2' or 'raw' from the file's header. Only for adoption: the result is
     recorded in the manifest and the file is never probed again."""
     head = _head(path, 8)
-    if head[:4] == _QCOW_MAGIC:
+    if head[:4] == qcow2_header.MAGIC:
         version = struct.unpack(">I", head[4:8])[0] if len(head) == 8 else 0
         if version in (2, 3):
             return "qcow2"
