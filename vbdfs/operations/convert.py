@@ -54,7 +54,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             # Nobody (daemon on any node, qemu) may write the disk while it is
             # copied, nor open it between the swap and the manifest's rename.
             held.append(leases.acquire(d.path, store.state_dir("leases"), name, d.name,
-                                       "vbdctl convert"))
+                                       node or os.uname().nodename, by="vbdctl convert"))
             with open_image(d.path, d.format, read_only=True,
                             store_root=store.root) as src, \
                     create_image(tmp, to, d.size) as dst:

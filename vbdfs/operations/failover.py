@@ -153,13 +153,6 @@ def check_target_mount(store: Store, m: Manifest, mountpoint: str,
                        f"{len(m.disks)} disk(s)")
 
 
-def describe(rec: dict) -> str:
-    if rec.get("node") is None:
-        return "a writer that is not vbdfs (qemu?)"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("since") or 0))
-    return f"vbdfs on node {rec['node']} (pid {rec.get('pid')}, since {since})"
-
-
 def check_leases(store: Store, m: Manifest, releasing: str | None = None) -> list[CheckResult]:
     """No disk is being written, except by node `releasing` (the failover stops it)."""
     state = store.state_dir("leases")
@@ -169,10 +162,10 @@ def check_leases(store: Store, m: Manifest, releasing: str | None = None) -> lis
         if rec is None:
             out.append(CheckResult(f"lease {d.name}", True, "not held"))
         elif releasing is not None and rec.get("node") == releasing:
-            out.append(CheckResult(f"lease {d.name}", True, f"held by {describe(rec)}: "
+            out.append(CheckResult(f"lease {d.name}", True, f"held by {leases.describe(rec)}: "
                                    "released when the domain stops"))
         else:
-            out.append(CheckResult(f"lease {d.name}", False, f"held by {describe(rec)}"))
+            out.append(CheckResult(f"lease {d.name}", False, f"held by {leases.describe(rec)}"))
     return out
 
 

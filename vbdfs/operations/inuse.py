@@ -106,9 +106,8 @@ def lease_holders(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     for d in manifest.disks:
         holder = leases.holder(store.state_dir("leases"), manifest.name, d.name, d.path)
         if holder is not None:
-            who = (f"vbdfs on node {holder['node']} (pid {holder['pid']})"
-                   if holder.get("node") else "another process (qemu?)")
-            out.append((d.name, f"disk {d.name} is being written by {who}: {d.path}"))
+            out.append((d.name, f"disk {d.name} is being written by "
+                                f"{leases.describe(holder)}: {d.path}"))
     return out
 
 
@@ -147,5 +146,5 @@ def grow_disk(store: Store, mountpoint: str | None, node: str, name: str, disk: 
               new_size: int | None = None, growth: int | None = None):
     """Grow a disk that nothing has open: the daemon caches an open image's size
     (and for qcow2 its metadata), so growing under it is refused."""
-    return store.grow(name, disk, new_size=new_size, growth=growth,
+    return store.grow(name, disk, new_size=new_size, growth=growth, node=node,
                       check=refuse_if_used(store, mountpoint, node, "grow", disk))

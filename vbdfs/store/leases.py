@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from ..images.fileops import fsync_dir
+from ..images.fileops import write_atomic
 from .locks import ofd_lock, ofd_test
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ def record_path(state_dir: str, instance: str, disk: str) -> str:
 
 
 def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
-            disk: str = "", node: str = "") -> Lease:
-    """Take a write lease on image_path, or raise LeaseBusy naming the holder."""
+            disk: str = "", node: str = "", by: str = "vbdfs") -> Lease:
+    """Take a write lease on image_path, or raise LeaseBusy naming the holder.
+
+    node and by (the program: the daemon, or `vbdctl grow`) go in the record.
+    """
     fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         # Lock first, then look for conflicts: of two racing writers at least
@@ -82,9 +85,8 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
         for i in WRITER_UNSHARED:
             ofd_lock(fd, exclusive=False, start=SHARED_BASE + i, length=1)
         if _conflicts(fd):
-            who = describe_holder(state_dir, instance, disk) if state_dir else None
-            raise LeaseBusy(f"{image_path} is being written by "
-                            f"{who or 'another process (qemu?)'}")
+            rec = read_record(state_dir, instance, disk) if state_dir else None
+            raise LeaseBusy(f"{image_path} is being written by {describe(rec)}")
     except BaseException:
         os.close(fd)
         raise
@@ -94,24 +96,16 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
         # lease. A full or read-only store must not fail the open over it.
         path = record_path(state_dir, instance, disk)
         try:
-            _write_record(path, {"node": node, "pid": os.getpid(),
-                                 "since": int(time.time()), "image": image_path})
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            write_atomic(path, json.dumps({"node": node, "by": by, "pid": os.getpid(),
+                                           "since": int(time.time()),
+                                           "image": image_path}).encode())
         except OSError as e:
             log.warning("lease on %s taken, but its record %s could not be written: %s",
                         image_path, path, e.strerror)
             path = None
     return Lease(fd, path)
 
-
-def _write_record(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
 
 
 def is_write_locked(image_path: str) -> bool:
@@ -147,9 +141,11 @@ def holder(state_dir: str, instance: str, disk: str, image_path: str) -> dict | 
     return read_record(state_dir, instance, disk) or {"node": None, "pid": None, "since": None}
 
 
-def describe_holder(state_dir: str, instance: str, disk: str) -> str | None:
-    rec = read_record(state_dir, instance, disk)
-    if not rec:
-        return None
+
+def describe(rec: dict | None) -> str:
+    """Who holds a lease, for messages: from its record, or a writer without one."""
+    if not rec or rec.get("node") is None:
+        return "another process (qemu?)"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("since") or 0))
-    return f"vbdfs on node {rec.get('node')} (pid {rec.get('pid')}, since {since})"
+    return (f"{rec.get('by') or 'vbdfs'} on node {rec['node']} "
+            f"(pid {rec.get('pid')}, since {since})")

@@ -19,7 +19,7 @@ import struct
 
 from ..images import ImageError, create_image, open_image
 from ..images import qcow2_header
-from ..images.fileops import fsync_dir
+from ..images.fileops import fsync_dir, write_atomic
 from . import leases, paths
 from .locks import LockBusy, ofd_lock
 from .manifest import (DRIVERS, FORMATS, MANIFEST, MAX_DISKS, MAX_SIZE, Disk, Manifest,
@@ -463,7 +463,7 @@ class Store:
         return new_m
 
     def grow(self, name: str, disk, new_size: int | None = None, growth: int | None = None,
-             check=None) -> Disk:
+             check=None, node: str = "") -> Disk:
         """Grow one disk to new_size bytes, or by growth bytes (never shrink).
 
         The image grows first and the manifest after, so a crash in between
@@ -491,7 +491,7 @@ class Store:
             # writing the image while its tables are rewritten.
             try:
                 lease = leases.acquire(d.path, self.state_dir("leases"), name, d.name,
-                                       "vbdctl grow")
+                                       node or os.uname().nodename, by="vbdctl grow")
             except leases.LeaseBusy as e:
                 raise StoreError(f"instance {name} disk {d.name}: cannot grow: {e}") from None
             try:
@@ -572,27 +572,6 @@ def _read_manifest(path: str) -> bytes:
         if e.errno != errno.ESTALE:
             raise
     return _head(path, 1 << 20)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace path with data: write a temp file, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _remove_quietly(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(directory)
-
-
 
 
 def _head(path: str, n: int) -> bytes:
