@@ -106,18 +106,19 @@ def _run(args: list[str], what: str) -> str:
     return run_tool(args, what, AttachError)
 
 
-def loop_devices() -> dict[str, str]:
-    """Every loop device in use: {device: backing file}."""
+def loop_list() -> list[tuple[str, str, bool]]:
+    """Every loop device in use: (device, backing file, read-only)."""
     out = _run(["losetup", "--json", "--list"], "listing loop devices")
     if not out.strip():
-        return {}                      # no loop device at all: losetup prints nothing
-    devices = {}
-    for d in json.loads(out).get("loopdevices", []):
-        back = d.get("back-file") or ""
-        if back.endswith(" (deleted)"):
-            back = back[:-len(" (deleted)")]
-        devices[d["name"]] = back
-    return devices
+        return []                      # no loop device at all: losetup prints nothing
+    return [(d["name"], (d.get("back-file") or "").removesuffix(" (deleted)"),
+             d.get("ro") in (True, 1, "1"))
+            for d in json.loads(out).get("loopdevices", [])]
+
+
+def loop_devices() -> dict[str, str]:
+    """Every loop device in use: {device: backing file}."""
+    return {device: back for device, back, _ in loop_list()}
 
 
 def loop_dio(device: str) -> bool | None:
@@ -190,11 +191,13 @@ def is_live(record: dict, node: str, loops: dict[str, str] | None = None,
     return False
 
 
-def live_records(store: Store, instance: str, node: str) -> dict[str, dict]:
+def live_records(store: Store, instance: str, node: str,
+                 loops: dict[str, str] | None = None) -> dict[str, dict]:
+    """The attachment records still true (loops: loop_devices(), if already listed)."""
     records = read_records(store, instance)
     if not records:
         return {}
-    loops = loop_devices()
+    loops = loop_devices() if loops is None else loops
     taps = tap_devices() if any(r.get("driver") in TAP_DRIVERS for r in records.values()) else []
     return {k: r for k, r in records.items() if is_live(r, node, loops, taps)}
 

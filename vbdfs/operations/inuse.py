@@ -43,8 +43,8 @@ def disk_paths(store: Store, manifest: Manifest, mountpoint: str | None) -> dict
     return out
 
 
-def open_by(paths: dict[str, str]) -> list[tuple[int, str, str]]:
-    """(pid, command, path) for every open descriptor on one of paths."""
+def open_by(paths: dict[str, str]) -> list[tuple[int, str, str, bool]]:
+    """(pid, command, path, for writing) for every open descriptor on one of paths."""
     me = os.getpid()
     found = []
     for entry in os.listdir("/proc"):
@@ -60,8 +60,18 @@ def open_by(paths: dict[str, str]) -> list[tuple[int, str, str]]:
             except OSError:
                 continue
             if target in paths:
-                found.append((int(entry), describe_process(entry), target))
+                found.append((int(entry), describe_process(entry), target,
+                              _open_for_writing(entry, fd)))
     return found
+
+
+def _open_for_writing(pid: str, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            flags = int(f.read().split("flags:")[1].split()[0], 8)
+    except (OSError, IndexError, ValueError):
+        return True                # cannot tell: assume the worst
+    return flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def describe_process(pid: str) -> str:
@@ -77,24 +87,31 @@ def describe_process(pid: str) -> str:
 
 
 def users(store: Store, manifest: Manifest, mountpoint: str | None,
-          node: str) -> list[tuple[str, str]]:
-    """Why the instance is in use: (disk, reason) per finding; [] if unused."""
+          node: str, writing_only: bool = False) -> list[tuple[str, str]]:
+    """Why the instance is in use: (disk, reason) per finding; [] if unused.
+
+    writing_only: only users that may write (what export must not race with).
+    """
     out = []
-    records = attach.live_records(store, manifest.name, node)
+    loops = attach.loop_list()
+    records = attach.live_records(store, manifest.name, node,
+                                  loops={dev: back for dev, back, _ in loops})
     for disk, r in sorted(records.items()):
-        out.append((disk, f"disk {disk} is attached as {r.get('device')} on node "
-                          f"{r.get('node')}"))
+        if not (writing_only and r.get("read_only")):
+            out.append((disk, f"disk {disk} is attached as {r.get('device')} on node "
+                              f"{r.get('node')}"))
     paths = disk_paths(store, manifest, mountpoint)
     recorded = {r.get("device") for r in records.values()}
-    for device, back in sorted(attach.loop_devices().items()):
-        if back in paths and device not in recorded:
+    for device, back, read_only in sorted(loops):
+        if back in paths and device not in recorded and not (writing_only and read_only):
             out.append((paths[back], f"disk {paths[back]} is the backing file of {device} "
                                      f"({back})"))
     seen = set()
-    for pid, comm, path in open_by(paths):
-        if (pid, path) not in seen:
+    how = "open for writing" if writing_only else "open"
+    for pid, comm, path, writing in open_by(paths):
+        if (pid, path) not in seen and (writing or not writing_only):
             seen.add((pid, path))
-            out.append((paths[path], f"disk {paths[path]} is open by process {pid} "
+            out.append((paths[path], f"disk {paths[path]} is {how} by process {pid} "
                                      f"({comm}): {path}"))
     out += lease_holders(store, manifest)
     return out

@@ -80,7 +80,7 @@ from ..images.fileops import fsync_dir
 from ..store import DiskSpec, Manifest, ManifestError, Store, StoreError, check_instance_name
 from ..store.manifest import MAX_DISKS
 from ..store.names import disk_name
-from . import attach, inuse
+from . import inuse
 
 CHUNK = 4 << 20          # largest read, write and stream record
 GRAIN = 4096             # zero blocks of this size (aligned) are neither hashed nor copied
@@ -219,55 +219,14 @@ def copy_image(src: Image, put, hasher: SparseHash, progress=None) -> int:
 
 
 # --- is a disk being written? ------------------------------------------------------
-def _loop_list() -> list[dict]:
-    out = attach._run(["losetup", "--json", "--list"], "listing loop devices")
-    return json.loads(out).get("loopdevices", []) if out.strip() else []
-
 
 def writers(store: Store, manifest: Manifest, mountpoint: str | None, node: str) -> list[str]:
-    """Why a disk of the instance may be written right now ([] if nothing writes it).
-
-    Read-write attachment records (another node's always count), read-write
-    loop devices over a disk's view or image file, and processes holding one
-    open for writing (the vbdfs daemon holds an image open read-write exactly
-    while something has its view open read-write).
-    """
-    reasons = []
-    records = attach.live_records(store, manifest.name, node)
-    for disk, r in sorted(records.items()):
-        if not r.get("read_only"):
-            reasons.append(f"disk {disk} is attached read-write as {r.get('device')} "
-                           f"on node {r.get('node')}")
-    paths = inuse.disk_paths(store, manifest, mountpoint)
-    recorded = {r.get("device") for r in records.values()}
-    for d in _loop_list():
-        back = (d.get("back-file") or "").removesuffix(" (deleted)")
-        if back in paths and d.get("ro") not in (True, 1, "1") and d["name"] not in recorded:
-            reasons.append(f"disk {paths[back]} is the backing file of the read-write "
-                           f"loop device {d['name']}")
-    me = str(os.getpid())
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == me:
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target not in paths:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    flags = int(f.read().split("flags:")[1].split()[0], 8)
-            except (OSError, IndexError, ValueError):
-                continue
-            if flags & os.O_ACCMODE != os.O_RDONLY:
-                reasons.append(f"disk {paths[target]} is open for writing by process {pid} "
-                               f"({inuse.describe_process(pid)}): {target}")
-    # Writers this node cannot see (another node's daemon, qemu) hold the lease.
-    reasons += [r for _, r in inuse.lease_holders(store, manifest)]
-    return reasons
+    """Why a disk of the instance may be written right now ([] if nothing writes it):
+    read-write attachments (another node's always count), read-write loop
+    devices, processes holding a disk open for writing (the vbdfs daemon holds
+    an image open read-write exactly while its view is), and write leases."""
+    return [reason for _, reason in inuse.users(store, manifest, mountpoint, node,
+                                                 writing_only=True)]
 
 
 # --- export -----------------------------------------------------------------------
