@@ -28,13 +28,13 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import time
 
 from ..images import ImageError, open_image
 from ..store import Store, StoreError, leases
 from ..store.manifest import Manifest, ManifestError
 from . import attach
+from .tools import run_tool
 
 DEFAULT_STOP = "xl shutdown -w {instance}"
 DEFAULT_START = "xl create /etc/xen/{instance}.cfg"
@@ -297,13 +297,11 @@ def _wait_for_leases(store: Store, m: Manifest, wait: float) -> list[str]:
 
 
 def _run(argv: list[str], what: str, state: str) -> None:
+    """Run a domain command; a failure says what state the failover is in."""
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise FailoverError(f"{what}: {shlex.join(argv)}: {e}; {state}") from None
-    if r.returncode != 0:
-        msg = (r.stderr or r.stdout).strip() or f"exit status {r.returncode}"
-        raise FailoverError(f"{what}: {shlex.join(argv)} failed: {msg}; {state}")
+        run_tool(argv, what, FailoverError, timeout=600)
+    except FailoverError as e:
+        raise FailoverError(f"{e}; {state}") from None
 
 
 # --- modify -------------------------------------------------------------------------

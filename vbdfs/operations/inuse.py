@@ -120,8 +120,9 @@ def users(store: Store, manifest: Manifest, mountpoint: str | None,
 def lease_holders(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     """(disk, reason) for every disk someone holds a write lease on, on any node."""
     out = []
+    state = store.state_dir("leases")
     for d in manifest.disks:
-        holder = leases.holder(store.state_dir("leases"), manifest.name, d.name, d.path)
+        holder = leases.holder(state, manifest.name, d.name, d.path)
         if holder is not None:
             out.append((d.name, f"disk {d.name} is being written by "
                                 f"{leases.describe(holder)}: {d.path}"))

@@ -13,6 +13,8 @@ def run_tool(args: list[str], what: str, error: type[Exception], timeout: int = 
         raise error(f"{what}: {args[0]} is not installed") from None
     except subprocess.TimeoutExpired:
         raise error(f"{what}: {' '.join(args)} did not finish in {timeout}s") from None
+    except OSError as e:
+        raise error(f"{what}: {args[0]}: {e.strerror}") from None
     if r.returncode != 0:
         detail = (r.stderr or r.stdout).strip() or f"exit status {r.returncode}"
         raise error(f"{what}: {' '.join(args)} failed: {detail}")
