@@ -39,9 +39,10 @@ def add_output_option(parser) -> None:
                         help="text for people (default) or json for scripts")
 
 
-def emit_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+def emit_json(obj, file=None) -> None:
+    file = file or sys.stdout
+    json.dump(obj, file, indent=2, sort_keys=True)
+    file.write("\n")
 
 
 def print_table(rows: list[list], header: list[str]) -> None:

@@ -106,11 +106,7 @@ def progress_bar(what: str):
 def _report(summary: dict, args, out=None) -> None:
     out = out or sys.stdout
     if args.output == "json":
-        if out is sys.stdout:
-            emit_json(summary)
-        else:
-            import json
-            print(json.dumps(summary, indent=2, sort_keys=True), file=out)
+        emit_json(summary, out)
         return
     for reason in summary.get("forced_over", []):
         print(f"warning (--force): {reason}", file=sys.stderr)

@@ -70,7 +70,7 @@ def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]
 
 def vbdfs_mountpoints(store: Store) -> list[str]:
     """Where a vbdfs daemon serves this store (its fsname is the store root)."""
-    root = os.path.realpath(store.root)
+    root = store.root                  # already resolved
     return [mp for mp, fstype, source in mounts()
             if fstype == "fuse.vbdfs" and os.path.realpath(source) == root]
 
@@ -85,7 +85,7 @@ def check_mount(store: Store, mountpoint: str) -> str:
     fstype, source = top[-1]
     if fstype != "fuse.vbdfs":
         raise AttachError(f"{mp} is a {fstype} mount, not vbdfs")
-    if os.path.realpath(source) != os.path.realpath(store.root):
+    if os.path.realpath(source) != store.root:
         raise AttachError(f"{mp} is a vbdfs mount of {source}, not of the store {store.root}")
     try:
         os.stat(mp)

@@ -42,6 +42,7 @@ import os
 
 from ..store.manifest import Manifest
 from ..store.names import InvalidName, check_instance_name, disk_name
+from .attach import view_path
 
 STYLES = ("legacy", "xl")
 VDEV_LIMITS = {"sd": 16, "hd": 4, "xvd": 1 << 20}
@@ -86,7 +87,7 @@ def _line(manifest, disk, mountpoint, style, prefix, read_only) -> str:
         raise XenConfigError(f"instance {manifest.name}: disk index {disk.index} has no "
                              f"{prefix!r} name (at most {VDEV_LIMITS[prefix]} disks)")
     vdev = disk_name(disk.index, prefix)
-    view = os.path.join(mountpoint, manifest.name, disk.name)
+    view = view_path(mountpoint, manifest.name, disk.name)
     direct = disk.format == "qcow2" and (
         disk.driver == "qdisk" or (disk.driver == "blktap" and style == "legacy"))
     target, fmt = (disk.path, "qcow2") if direct else (view, "raw")
