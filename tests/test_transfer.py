@@ -80,9 +80,10 @@ def store_entries(store):
 
 # --- checksum -------------------------------------------------------------------
 def test_checksum_matches_the_documented_algorithm(store, tmp_path, ctl):
-    make_instance(store, "small", 8 * MiB + 1024)       # size not a multiple of 4 KiB
+    make_instance(store, "small", 24 * MiB + 1024)      # size not a multiple of 4 KiB
     d = store.load("small").disks[0]
     with open_image(d.path, "raw") as img:
+        img.write(10 * MiB, os.urandom(10 * MiB))        # more than one batch for the hasher
         img.write(0, b"\1" * 4096)
         img.write(4096, bytes(4096) + b"\2" * 5000)     # zero block inside written data
         img.write(3 * MiB + 17, b"abc")
@@ -396,6 +397,34 @@ def test_feed_fast_path_matches_block_by_block():
     assert runs_of(tail_zero)[0] == [(0, tail_zero[:3 * GRAIN])]
     assert [off for off, _ in runs_of(holed)[0]] == [0, 2 * GRAIN]
     assert runs_of(unaligned_zeros)[0] == [(0, unaligned_zeros)]   # no aligned zero block
+
+
+def test_zero_blocks_agrees_with_a_block_by_block_scan():
+    """zero_blocks() only compares blocks whose first byte is zero: blocks that
+    start or end with zeros but hold data elsewhere must not pass for zero."""
+    import random
+    from vbdfs.operations.transfer import GRAIN, SparseHash, feed, zero_blocks
+
+    def naive(buf):
+        return [p for p in range(0, len(buf), GRAIN)
+                if buf[p:p + GRAIN] == bytes(len(buf[p:p + GRAIN]))]
+
+    rnd = random.Random(5)
+    kinds = [lambda: bytes(GRAIN),                                   # zero
+             lambda: rnd.randbytes(GRAIN),                           # data
+             lambda: bytes(GRAIN - 1) + b"\1",                       # zero but the last byte
+             lambda: bytes(GRAIN // 2) + b"\1" + bytes(GRAIN // 2 - 1),
+             lambda: b"\0" + rnd.randbytes(GRAIN - 1)]
+    for _ in range(300):
+        buf = b"".join(rnd.choice(kinds)() for _ in range(rnd.randrange(1, 12)))
+        buf += rnd.choice([b"", bytes(rnd.randrange(1, GRAIN)), b"\0\0\3"])  # short last block
+        assert zero_blocks(buf) == naive(buf), buf
+        got = []
+        feed(lambda off, data: got.append((off, bytes(data))), SparseHash(len(buf)), 0, buf)
+        zeros = set(naive(buf))
+        assert b"".join(d for _, d in got) == b"".join(
+            buf[p:p + GRAIN] for p in range(0, len(buf), GRAIN) if p not in zeros)
+    assert zero_blocks(bytes(5 * GRAIN + 7)) == [0, GRAIN, 2 * GRAIN, 3 * GRAIN, 4 * GRAIN, 5 * GRAIN]
 
 
 def _header_with(stream: bytes, change) -> bytes:

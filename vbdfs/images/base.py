@@ -68,6 +68,10 @@ class Image:
         """Make every completed write durable in the image file."""
         raise NotImplementedError
 
+    def start_writeback(self) -> None:
+        """Start writing completed writes to disk without waiting (see
+        fileops.start_writeback); flush() is still what makes them durable."""
+
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Runs of data / zero / hole covering [offset, offset+length), merged."""
         raise NotImplementedError

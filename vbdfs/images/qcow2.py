@@ -51,7 +51,8 @@ from collections import OrderedDict
 
 from . import qcow2_header as qh
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
-from .fileops import allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full
+from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
+                      start_writeback)
 from .qcow2_refcount import Refcounts, load_be, to_be
 
 COPIED = 1 << 63
@@ -632,6 +633,11 @@ class Qcow2Image(Image):
     def flush(self) -> None:
         if not self.read_only and self.fd >= 0:
             self._sync()
+
+    def start_writeback(self) -> None:
+        # Guest data only: cached metadata waits for flush() and its ordering.
+        if not self.read_only and self.fd >= 0:
+            start_writeback(self.fd)
 
     def _sync(self) -> None:
         """Write cached metadata in crash-safe order (see the module docstring)."""

@@ -11,7 +11,7 @@ import os
 
 from .base import Extent, Image, ImageError, Kind, is_zero, merge_extents
 from .fileops import (allocated_bytes, data_runs, pread_full, punch_hole,
-                      pwrite_full)
+                      pwrite_full, start_writeback)
 
 
 class RawImage(Image):
@@ -91,6 +91,10 @@ class RawImage(Image):
     def flush(self) -> None:
         if not self.read_only:
             os.fsync(self.fd)
+
+    def start_writeback(self) -> None:
+        if not self.read_only:
+            start_writeback(self.fd)
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         if length is None:

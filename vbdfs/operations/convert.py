@@ -26,7 +26,7 @@ from ..images.fileops import fsync_dir
 from ..store import Store, leases
 from ..store.store import CONVERT_JOURNAL, convert_temps, write_atomic
 from . import inuse
-from .transfer import TransferError, SparseHash, checksum_text, copy_image
+from .transfer import SparseHash, TransferError, checksum_text, copy_image, writer
 
 
 
@@ -59,7 +59,8 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                             store_root=store.root) as src, \
                     create_image(tmp, to, d.size) as dst:
                 h = SparseHash(d.size)
-                data = copy_image(src, dst.write, h, tick)
+                with writer(dst) as put:
+                    data = copy_image(src, put, h, tick)
                 dst.flush()
             # Read back what the engine wrote: the swap happens only if it hashes the same.
             with open_image(tmp, to, read_only=True) as new:

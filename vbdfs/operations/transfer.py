@@ -76,6 +76,7 @@ import threading
 import time
 
 from ..images import Image, ImageError, Kind, create_image, open_image
+from ..images.base import is_zero
 from ..images.fileops import fsync_dir
 from ..store import DiskSpec, Manifest, ManifestError, Store, StoreError, check_instance_name
 from ..store.manifest import MAX_DISKS
@@ -83,6 +84,7 @@ from ..store.names import disk_name
 from . import inuse
 
 CHUNK = 4 << 20          # largest read, write and stream record
+WRITEBACK_STEP = 4 << 20 # start the disk writing after each this much copied
 GRAIN = 4096             # zero blocks of this size (aligned) are neither hashed nor copied
 CHECKSUM = "sha256-runs"
 CONFIG = "config.ini"
@@ -115,26 +117,37 @@ class SparseHash:
         self.outer = hashlib.sha256()
         self.cur = None
         self.start = self.end = 0
+        self._batch = []               # runs not yet handed to the worker
+        self._batched = 0
         self._queue = None
         self._worker = None
 
     def run(self, offset: int, data) -> None:
+        # Runs go to the worker in batches of about CHUNK bytes: a queue
+        # hand-off per 64 KiB run cost more than a tenth of the copy.
+        self._batch.append((offset, data))
+        self._batched += len(data)
+        if self._batched >= CHUNK:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
         if self._worker is None:
-            self._queue = queue.Queue(maxsize=16)      # bounds the data held: 16 runs
+            self._queue = queue.Queue(maxsize=8)       # bounds the data held
             self._worker = threading.Thread(target=self._work, daemon=True)
             self._worker.start()
-        self._queue.put((offset, data))
+        self._queue.put(self._batch)
+        self._batch, self._batched = [], 0
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            offset, data = item
-            if self.cur is not None and offset == self.end:
-                self.cur.update(data)
-            else:
-                self._close()
-                self.cur = hashlib.sha256(data)
-                self.start = offset
-            self.end = offset + len(data)
+        while (batch := self._queue.get()) is not None:
+            for offset, data in batch:
+                if self.cur is not None and offset == self.end:
+                    self.cur.update(data)
+                else:
+                    self._close()
+                    self.cur = hashlib.sha256(data)
+                    self.start = offset
+                self.end = offset + len(data)
 
     def _close(self) -> None:
         if self.cur is not None:
@@ -142,6 +155,8 @@ class SparseHash:
             self.cur = None
 
     def digest(self) -> bytes:
+        if self._batch:
+            self._hand_over()
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
@@ -157,6 +172,32 @@ def checksum_text(digest: bytes) -> str:
 
 
 # --- the sparse copier ----------------------------------------------------------
+def zero_blocks(data: bytes) -> list[int]:
+    """Offsets of data's all-zero GRAIN blocks (the last block may be short).
+
+    A block can only be zero if its first byte is: a strided slice picks
+    those bytes out at C speed, and only blocks starting with a zero are
+    compared whole. Random or compressed data costs next to nothing; a
+    bytes.find(_ZEROS) over every byte cost more and held the GIL, which
+    stalled the hashing and writeback threads.
+    """
+    firsts = data[::GRAIN]
+    if not firsts.count(0):
+        return []
+    n = len(data)
+    if firsts.count(0) == len(firsts) and is_zero(data):
+        return list(range(0, n, GRAIN))
+    out = []
+    i = firsts.find(0)
+    while i >= 0:
+        pos = i * GRAIN
+        end = min(pos + GRAIN, n)
+        if data[pos:end] == (_ZEROS if end - pos == GRAIN else bytes(end - pos)):
+            out.append(pos)
+        i = firsts.find(0, i + 1)
+    return out
+
+
 def feed(put, hasher: SparseHash, offset: int, buf) -> int:
     """Hash and put(offset, data) the non-zero GRAIN blocks of buf (offset is
     GRAIN-aligned), joined into runs; return the bytes put. Zero blocks are
@@ -165,25 +206,14 @@ def feed(put, hasher: SparseHash, offset: int, buf) -> int:
     data = buf if type(buf) is bytes else bytes(buf)
     mv = memoryview(data)              # slices of it are put without copying
     n = len(data)
-    if n and n % GRAIN == 0 and data.find(_ZEROS) < 0:
-        # No 4 KiB of zeros anywhere (the usual case for data): one run,
-        # found by a C-speed search instead of a Python loop over blocks.
-        hasher.run(offset, mv)
-        put(offset, mv)
-        return n
-    done = 0
-    start = None                       # start of the current non-zero run
-    for pos in range(0, n + GRAIN, GRAIN):
-        # Compare bytes, not memoryviews: memoryview == is ~40x slower.
-        zero = pos >= n or data[pos:pos + GRAIN] == _ZEROS[:n - pos]
-        if zero and start is not None:
-            run = mv[start:min(pos, n)]
+    done = start = 0
+    for zero in zero_blocks(data) + [n]:
+        if zero > start:
+            run = mv[start:zero]
             hasher.run(offset + start, run)
             put(offset + start, run)
-            done += len(run)
-            start = None
-        elif not zero and start is None:
-            start = pos
+            done += zero - start
+        start = zero + GRAIN
     return done
 
 
@@ -216,6 +246,44 @@ def copy_image(src: Image, put, hasher: SparseHash, progress=None) -> int:
     if progress and src.size > done:
         progress(src.size - done)
     return written
+
+
+@contextlib.contextmanager
+def writer(dst: Image):
+    """put() for copy_image: write into dst while a helper thread starts the
+    disk writing every WRITEBACK_STEP bytes, so that the disk works while
+    the copy does and the final flush waits for the last pages only
+    (measured on a 50 MiB export: its fsync went from ~60 ms to ~3 ms).
+    The helper, not the copier, pays for submitting the I/O."""
+    kick = threading.Event()
+    done = False
+
+    def start_writebacks() -> None:
+        while True:
+            kick.wait()
+            kick.clear()
+            if done:
+                return
+            dst.start_writeback()
+
+    pending = 0
+
+    def put(offset: int, data) -> None:
+        nonlocal pending
+        dst.write(offset, data)
+        pending += len(data)
+        if pending >= WRITEBACK_STEP:
+            kick.set()
+            pending = 0
+
+    helper = threading.Thread(target=start_writebacks, daemon=True)
+    helper.start()
+    try:
+        yield put
+    finally:
+        done = True
+        kick.set()
+        helper.join()
 
 
 # --- is a disk being written? ------------------------------------------------------
@@ -311,7 +379,8 @@ def export_instance(store: Store, name: str, dest_dir: str, fmt: str | None = No
                         raise TransferError(f"instance {name} disk {d.name}: {e}") from None
                     with dst:
                         h = SparseHash(src.size)
-                        data = copy_image(src, dst.write, h, tick)
+                        with writer(dst) as put:
+                            data = copy_image(src, put, h, tick)
                         dst.flush()
                         allocated = dst.allocated()
                 disks.append({"name": d.name, "index": d.index, "format": dfmt,
@@ -433,7 +502,8 @@ def import_instance(store: Store, export_dir: str, name: str | None = None,
                 with create_image(os.path.join(staged, s["name"]), tfmt, s["size"]) as dst:
                     h = SparseHash(src.size)
                     try:
-                        data = copy_image(src, dst.write, h, tick)
+                        with writer(dst) as put:
+                            data = copy_image(src, put, h, tick)
                     except ImageError as e:
                         raise TransferError(f"{what}: {e}") from None
                     got = checksum_text(h.digest())
@@ -534,7 +604,8 @@ def import_stream(store: Store, f, name: str | None = None, directory: str | Non
             what = f"import from stream: disk {d.name}"
             tfmt, tdrv = fmt or d.format, driver or d.driver
             h, pos, data = SparseHash(d.size), 0, 0
-            with create_image(os.path.join(staged, d.name), tfmt, d.size) as dst:
+            with create_image(os.path.join(staged, d.name), tfmt, d.size) as dst, \
+                    writer(dst) as put:
                 while True:
                     kind, a, b = FRAME.unpack(_read_exact(f, FRAME.size, what))
                     if kind == b"DATA":
@@ -544,7 +615,7 @@ def import_stream(store: Store, f, name: str | None = None, directory: str | Non
                                 or (b % GRAIN and a + b != d.size)):
                             raise TransferError(f"{what}: bad record at offset {a}, length {b}")
                         buf = _read_exact(f, b, what)
-                        data += feed(dst.write, h, a, buf)
+                        data += feed(put, h, a, buf)
                         if progress:
                             progress(a + b - pos, total)
                         pos = a + b
