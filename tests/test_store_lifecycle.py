@@ -75,8 +75,8 @@ def test_interrupted_rename_is_explained(store):
     store.create("web", [DiskSpec(MiB)])
     # Simulate a crash after the directory rename, before the journal replaced the manifest.
     m = store.load("web")
-    m2 = store_mod.Manifest(name="www", disks=[store_mod.dataclasses.replace(
-        m.disks[0], path=os.path.join(store.root, "www", "sda"))])
+    m2 = store_mod.Manifest(name="www", disks=[
+        m.disks[0].replace(path=os.path.join(store.root, "www", "sda"))])
     store_mod.write_atomic(os.path.join(store.instance_dir("web"), store_mod.RENAME_JOURNAL),
                            m2.to_json().encode())
     os.rename(store.instance_dir("web"), store.instance_dir("www"))
@@ -143,9 +143,8 @@ def test_lock_many_is_ordered(store):
 
 def _converted(store, name="web", fmt="qcow2"):
     """The manifest a convert of sda to fmt writes as its journal."""
-    import dataclasses
     m = store.load(name)
-    return dataclasses.replace(m, disks=[dataclasses.replace(m.disks[0], format=fmt)])
+    return m.replace(disks=[m.disks[0].replace(format=fmt)])
 
 
 def test_convert_killed_before_the_swap(store):

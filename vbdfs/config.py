@@ -7,8 +7,8 @@ VBDFS_MOUNTPOINT, VBDFS_NODE; vbdctl only), command-line flags.
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import types
 
 DEFAULT_CONFIG = "/etc/vbdfs/vbdfs.toml"
 
@@ -17,20 +17,24 @@ class ConfigError(Exception):
     pass
 
 
-@dataclasses.dataclass
-class Config:
-    store: str = "/srv/ganeti/file-storage"
-    mountpoint: str = "/run/vbdfs"
-    node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
-    # Ganeti's whitelist of directories allowed for custom file storage paths.
-    file_storage_paths: str = "/etc/ganeti/file-storage-paths"
-    # How vbdctl failover stops and starts a domain ({instance}, {primary}, {target}).
-    stop_command: str = "xl shutdown -w {instance}"
-    start_command: str = "xl create /etc/xen/{instance}.cfg"
+class Config(types.SimpleNamespace):
+    # A SimpleNamespace, not a dataclass: see store/manifest.py's Disk.
+    def __init__(self, store: str = "/srv/ganeti/file-storage",
+                 mountpoint: str = "/run/vbdfs",
+                 node: str | None = None,                  # default: the host name
+                 # Ganeti's whitelist of directories allowed for custom file storage paths.
+                 file_storage_paths: str = "/etc/ganeti/file-storage-paths",
+                 # How vbdctl failover stops and starts a domain ({instance}, {primary}, {target}).
+                 stop_command: str = "xl shutdown -w {instance}",
+                 start_command: str = "xl create /etc/xen/{instance}.cfg"):
+        super().__init__(store=store, mountpoint=mountpoint,
+                         node=os.uname().nodename if node is None else node,
+                         file_storage_paths=file_storage_paths, stop_command=stop_command,
+                         start_command=start_command)
 
     def override(self, **values) -> "Config":
         """A copy with every non-None value replaced."""
-        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+        return Config(**{**vars(self), **{k: v for k, v in values.items() if v is not None}})
 
 
 _ENV = {"store": "VBDFS_STORE", "mountpoint": "VBDFS_MOUNTPOINT", "node": "VBDFS_NODE"}
@@ -50,7 +54,7 @@ def load(path: str | None = None, use_env: bool = False, env=os.environ) -> Conf
         values = {}
     except OSError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    known = {f.name for f in dataclasses.fields(Config)}
+    known = set(vars(cfg))
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"config file {path}: unknown setting {key!r} "

@@ -7,7 +7,7 @@ import contextlib
 import sys
 
 from ..images import FORMATS
-from ..operations import convert, guestmount, transfer
+from ..operations import transfer
 from .common import VbdctlError, add_output_option, emit_json, human_size
 
 
@@ -152,7 +152,10 @@ def cmd_import(ctx, args):
     _report(summary, args)
 
 
+# convert and guestmount are imported by their commands only: every module
+# vbdctl loads is start-up time, which dominates a small export.
 def cmd_convert(ctx, args):
+    from ..operations import convert
     with progress_bar(f"convert {args.instance} {args.disk}") as progress:
         s = convert.convert_disk(ctx.store, args.instance, args.disk, args.to,
                                  mountpoint=ctx.mountpoint, node=ctx.node, progress=progress)
@@ -165,6 +168,7 @@ def cmd_convert(ctx, args):
 
 
 def cmd_mount(ctx, args):
+    from ..operations import guestmount
     s = guestmount.mount_guest(ctx.store, ctx.mountpoint, args.instance, args.disk,
                                args.target, partition=args.partition,
                                read_write=args.read_write)
@@ -175,6 +179,7 @@ def cmd_mount(ctx, args):
 
 
 def cmd_umount(ctx, args):
+    from ..operations import guestmount
     s = guestmount.umount_guest(ctx.store, args.target)
     if args.output == "json":
         emit_json(s)

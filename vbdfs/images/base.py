@@ -8,8 +8,8 @@ measured faster on a 2-core Dom0 than handing each request to a thread.
 
 from __future__ import annotations
 
+import collections
 import enum
-from typing import NamedTuple
 
 
 class ImageError(Exception):
@@ -33,10 +33,9 @@ class Kind(enum.Enum):
     HOLE = "hole"   # not allocated: reads as zeros (or falls through to a backing file)
 
 
-class Extent(NamedTuple):
-    offset: int
-    length: int
-    kind: Kind
+# (collections.namedtuple, not typing.NamedTuple: typing costs vbdctl ~4 ms of start-up)
+class Extent(collections.namedtuple("Extent", "offset length kind")):
+    __slots__ = ()
 
     @property
     def end(self) -> int:

@@ -17,18 +17,18 @@ through the daemon, which holds the image's metadata.
 Each attachment is recorded in STORE/.vbdfs/attachments/INSTANCE.json
 (replaced atomically, under the instance lock) with the node that made it,
 so `info` shows it and `remove` refuses. Records of this node are checked
-against the kernel (losetup --json --list, tap-ctl list) and stale ones are
+against the kernel (sysfs's loop devices, tap-ctl list) and stale ones are
 ignored and dropped; records of another node cannot be checked here and
 count as live.
 """
 
 from __future__ import annotations
 
-import datetime
 import errno
 import json
 import os
 import shutil
+import time
 
 from ..store import Manifest, Store, StoreError
 from ..store.store import write_atomic
@@ -106,14 +106,27 @@ def _run(args: list[str], what: str) -> str:
     return run_tool(args, what, AttachError)
 
 
-def loop_list() -> list[tuple[str, str, bool]]:
-    """Every loop device in use: (device, backing file, read-only)."""
-    out = _run(["losetup", "--json", "--list"], "listing loop devices")
-    if not out.strip():
-        return []                      # no loop device at all: losetup prints nothing
-    return [(d["name"], (d.get("back-file") or "").removesuffix(" (deleted)"),
-             d.get("ro") in (True, 1, "1"))
-            for d in json.loads(out).get("loopdevices", [])]
+def loop_list(sysfs: str = "/sys/block") -> list[tuple[str, str, bool]]:
+    """Every loop device in use: (device, backing file, read-only).
+
+    Read from sysfs, where losetup reads it too (a bound loop device has
+    loop/backing_file): running `losetup --list` cost every in-use check a
+    fork and an exec.
+    """
+    out = []
+    for name in os.listdir(sysfs):
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"{sysfs}/{name}/loop/backing_file", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                back = f.read().removesuffix("\n")
+            with open(f"{sysfs}/{name}/ro") as f:
+                read_only = f.read().strip() == "1"
+        except FileNotFoundError:      # not bound, or detached meanwhile
+            continue
+        out.append((f"/dev/{name}", back.removesuffix(" (deleted)"), read_only))
+    return sorted(out)
 
 
 def loop_devices() -> dict[str, str]:
@@ -270,7 +283,7 @@ def _attach_one(instance: str, disk: str, driver: str, view: str, read_only: boo
                 direct_io: bool) -> dict:
     what = f"instance {instance} disk {disk}"
     rec = {"disk": disk, "driver": driver, "path": view, "read_only": read_only,
-           "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
     if driver in LOOP_DRIVERS:
         args = ["losetup", "--find", "--show", f"--direct-io={'on' if direct_io else 'off'}"]
         if read_only:

@@ -17,7 +17,6 @@ manifest holds the right one: move it over manifest.json to finish.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -70,8 +69,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             if check.digest() != h.digest():
                 raise TransferError(f"{what}: the converted image does not read back the "
                                     "same contents; the disk was left as it was")
-            new_m = dataclasses.replace(m, disks=[dataclasses.replace(x, format=to)
-                                                  if x is d else x for x in m.disks])
+            new_m = m.replace(disks=[x.replace(format=to) if x is d else x for x in m.disks])
             held.append(leases.acquire(tmp))
             write_atomic(journal, new_m.to_json().encode())
             os.rename(tmp, d.path)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-
 
 def run_tool(args: list[str], what: str, error: type[Exception], timeout: int = 60) -> str:
     """Run args, return its stdout; raise error naming what failed and why."""
+    import subprocess   # here: most vbdctl commands run no tool, and it costs ~3 ms to import
     try:
         r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:

@@ -7,9 +7,9 @@ and raises ManifestError with a message naming the problem.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import types
 
 from ..images import FORMATS
 from .names import InvalidName, check_instance_name, disk_name
@@ -32,13 +32,16 @@ class NoSuchDisk(LookupError):
         return self.args[0]
 
 
-@dataclasses.dataclass
-class Disk:
-    index: int
-    format: str
-    driver: str
-    size: int            # virtual size in bytes
-    path: str            # absolute path of the image file
+# Records are SimpleNamespace subclasses (attributes, repr and == for free)
+# rather than dataclasses: importing dataclasses and building the classes
+# cost vbdctl ~10 ms of start-up, most of a small export's overhead.
+class Disk(types.SimpleNamespace):
+    def __init__(self, index: int, format: str, driver: str, size: int, path: str):
+        # size: virtual bytes; path: the image file, absolute
+        super().__init__(index=index, format=format, driver=driver, size=size, path=path)
+
+    def replace(self, **changes) -> "Disk":
+        return Disk(**{**vars(self), **changes})
 
     @property
     def name(self) -> str:
@@ -54,13 +57,13 @@ class Disk:
                 "driver": self.driver, "size": self.size, "logical_id": self.logical_id}
 
 
-@dataclasses.dataclass
-class Manifest:
-    name: str
-    disks: list[Disk]
-    os: str = ""
-    primary: str = ""
-    secondary: str = ""
+class Manifest(types.SimpleNamespace):
+    def __init__(self, name: str, disks: list[Disk], os: str = "", primary: str = "",
+                 secondary: str = ""):
+        super().__init__(name=name, disks=disks, os=os, primary=primary, secondary=secondary)
+
+    def replace(self, **changes) -> "Manifest":
+        return Manifest(**{**vars(self), **changes})
 
     def disk(self, name_or_index) -> Disk:
         for d in self.disks:

@@ -9,13 +9,13 @@ write a temp file, fsync, rename, fsync the directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import glob
 import logging
 import os
 import stat
 import struct
+import types
 
 from ..images import ImageError, create_image, open_image
 from ..images import qcow2_header
@@ -35,11 +35,12 @@ class StoreError(Exception):
     """A store operation failed; the message names the instance, disk or path."""
 
 
-@dataclasses.dataclass
-class DiskSpec:
-    size: int | None           # None: adopt() takes the file's size
-    format: str | None = "raw"  # None: adopt() probes the file, once
-    driver: str = "loop"
+class DiskSpec(types.SimpleNamespace):
+    """A disk to create. size None: adopt() takes the file's size; format
+    None: adopt() probes the file, once."""
+
+    def __init__(self, size: int | None, format: str | None = "raw", driver: str = "loop"):
+        super().__init__(size=size, format=format, driver=driver)
 
 
 RENAME_JOURNAL = f".{MANIFEST}.rename"   # the new manifest while a rename is under way
@@ -440,7 +441,7 @@ class Store:
             where = {src: dst for src, dst in moves}
             where[old_meta] = new_meta
             new_m = Manifest(name=new, os=m.os, primary=m.primary, secondary=m.secondary,
-                             disks=[dataclasses.replace(d, path=os.path.join(
+                             disks=[d.replace(path=os.path.join(
                                  where[os.path.dirname(d.path)], d.name)) for d in m.disks])
             journal = os.path.join(old_meta, RENAME_JOURNAL)
             write_atomic(journal, new_m.to_json().encode())
