@@ -313,11 +313,18 @@ class Qcow2Image(Image):
                 expect += cs
                 nxt += cs
         elif kind != _COMPRESSED:
+            if kind == _UNALLOC and nxt < tab_end:
+                # Most of a sparse disk is zero entries: skip them at C speed
+                # (a Python loop over a 20 GiB disk's entries took ~90 ms).
+                tail = memoryview(ents)[i + 1:i + 1 + ((tab_end - nxt + cs - 1) >> bits)].tobytes()
+                skip = (len(tail) - len(tail.lstrip(b"\0"))) >> 3
+                i += skip
+                g += skip
+                nxt += skip << bits
             while nxt < tab_end:
                 i += 1
                 g += 1
                 e = ents[i]
-                # Most of a sparse disk is zero entries: they need no classifying.
                 if (e or kind != _UNALLOC) and self._kind(e, g)[0] != kind:
                     break
                 nxt += cs
