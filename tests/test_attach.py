@@ -129,6 +129,10 @@ def test_read_only_and_buffered(ctl, store):
     live = loops_backed_by(ctl.mount.path + "/")
     assert live[a]["ro"] and not live[b]["ro"]
     assert live[a]["dio"] and not live[b]["dio"]
+    # vbdctl reads loop devices from sysfs itself: it must agree with losetup.
+    from vbdfs.operations.attach import loop_list
+    ours = {dev: (back, ro) for dev, back, ro in loop_list()}
+    assert {d: ours[d] for d in live} == {d: (x["back-file"], bool(x["ro"])) for d, x in live.items()}
     r = subprocess.run(["dd", "if=/dev/zero", f"of={a}", "bs=4k", "count=1", "oflag=direct"],
                        capture_output=True, text=True)
     assert r.returncode != 0                                    # read-only really
