@@ -48,13 +48,14 @@ def is_mounted(path: str) -> bool:
 class Mount:
     """A vbdfs daemon (foreground child) serving store at path."""
 
-    def __init__(self, store: Store, path: str, extra_args=()):
+    def __init__(self, store: Store, path: str, extra_args=(), prefix=()):
+        # prefix: a command that runs the daemon, e.g. nsenter into another namespace
         self.store = store
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.log = open(path + ".log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vbdfs.daemon", store.root, path, "-f",
+            [*prefix, sys.executable, "-m", "vbdfs.daemon", store.root, path, "-f",
              "-o", f"whitelist={store.whitelist_file}", *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         try:

@@ -115,21 +115,7 @@ class NsMount(Mount):
     """A vbdfs daemon in node2's mount namespace (entered with nsenter)."""
 
     def __init__(self, store: Store, path: str, ns_pid: int, extra_args=()):
-        self.store, self.path = store, path
-        os.makedirs(path, exist_ok=True)
-        self.log = open(path + ".log", "w+")
-        self.proc = subprocess.Popen(
-            ["nsenter", "-t", str(ns_pid), "-m", sys.executable, "-m", "vbdfs.daemon",
-             store.root, path, "-f", "-o", f"whitelist={store.whitelist_file}", *extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: os.path.ismount(path) or self.proc.poll() is not None,
-                     what=f"vbdfs to mount {path} (propagated from node2's namespace)")
-            if not os.path.ismount(path):
-                raise AssertionError(f"vbdfs did not mount: {self.output()}")
-        except BaseException:
-            self.proc.kill()
-            raise
+        super().__init__(store, path, extra_args, prefix=("nsenter", "-t", str(ns_pid), "-m"))
 
 
 @pytest.fixture

@@ -182,10 +182,11 @@ def zero_blocks(data: bytes) -> list[int]:
     stalled the hashing and writeback threads.
     """
     firsts = data[::GRAIN]
-    if not firsts.count(0):
+    candidates = firsts.count(0)
+    if not candidates:
         return []
     n = len(data)
-    if firsts.count(0) == len(firsts) and is_zero(data):
+    if candidates == len(firsts) and is_zero(data):
         return list(range(0, n, GRAIN))
     out = []
     i = firsts.find(0)
