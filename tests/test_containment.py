@@ -49,17 +49,17 @@ def test_handler_errors_become_errnos(store, monkeypatch):
     make_instance(store, "web", MiB)
     ops = VbdFs(store, node="n1")
     web = _call(ops.lookup, pyfuse3.ROOT_INODE, b"web", None).st_ino
-    real_stat = os.stat
+    real_stat = store.stat_disk
 
-    def looping_stat(path, *a, **kw):
-        if str(path).endswith("/web/sda"):
+    def looping_stat(disk):
+        if disk.path.endswith("/web/sda"):
             raise OSError(errno.ELOOP, "Too many levels of symbolic links")
-        return real_stat(path, *a, **kw)
-    monkeypatch.setattr(os, "stat", looping_stat)
+        return real_stat(disk)
+    monkeypatch.setattr(store, "stat_disk", looping_stat)
     with pytest.raises(pyfuse3.FUSEError) as e:
         _call(ops.lookup, web, b"sda", None)
     assert e.value.errno == errno.ELOOP
-    monkeypatch.setattr(os, "stat", real_stat)
+    monkeypatch.setattr(store, "stat_disk", real_stat)
 
     def broken_statvfs(path):
         raise RuntimeError("a bug")

@@ -21,7 +21,8 @@ import stat
 
 import pyfuse3
 
-from .images import Image, ImageError, OutOfRange, ReadOnlyImage, open_image
+from .images import Image, ImageError, OutOfRange, ReadOnlyImage
+from .images.confined import UnsafeFile, stat_regular
 from .store import Manifest, Store, leases
 from .store.names import InvalidName
 
@@ -112,13 +113,18 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _manifest(self, name: str) -> Manifest:
-        """The instance's manifest, re-read when the file changes; ENOENT if unusable."""
+        """The instance's manifest, re-read when the file changes; ENOENT if
+        unusable, EIO if it is no regular file (a FIFO, a symlink: see confined.py)."""
         try:
             path = self.store.manifest_path(name)
-            st = os.stat(path)
+            st = stat_regular(path, self.store.root)
         except (InvalidName, FileNotFoundError, NotADirectoryError):
             self._manifests.pop(name, None)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except UnsafeFile as e:
+            self._manifests.pop(name, None)
+            self._log_once((name,), f"unavailable: {e}")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._manifests.get(name)
         if cached is None or cached[0] != key:
@@ -155,7 +161,10 @@ class VbdFs(pyfuse3.Operations):
     def _disk_attr(self, inode: int, key: tuple) -> pyfuse3.EntryAttributes:
         disk = self._disk(key)
         try:
-            st = os.stat(disk.path)
+            st = self.store.stat_disk(disk)
+        except UnsafeFile as e:
+            self._log_once(key, f"unavailable: {e}")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:
             self._log_once(key, f"image file {disk.path}: {e.strerror}")
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
@@ -274,7 +283,7 @@ class VbdFs(pyfuse3.Operations):
         if name == XATTR_LOGICAL_ID:
             return json.dumps(disk.logical_id).encode()
         od = self._open.get(inode)
-        allocated = od.image.allocated() if od else os.stat(disk.path).st_blocks * 512
+        allocated = od.image.allocated() if od else self.store.stat_disk(disk).st_blocks * 512
         return str(allocated).encode()
 
     @contained
@@ -343,12 +352,15 @@ class VbdFs(pyfuse3.Operations):
             disk = self._disk(key)
             try:
                 lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0],
-                                       key[1], self.node)
+                                       key[1], self.node, root=self.store.disk_root(disk.path))
             except leases.LeaseBusy as e:
                 log.warning("instance %s disk %s not opened for writing: %s", key[0], key[1], e)
                 raise pyfuse3.FUSEError(errno.EBUSY) from None
             except FileNotFoundError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except UnsafeFile as e:
+                self._log_once(key, f"unavailable: {e}")
+                raise pyfuse3.FUSEError(errno.EIO) from None
         try:
             return OpenDisk(self._open_image(key, writable), writable, lease)
         except BaseException:
@@ -359,8 +371,7 @@ class VbdFs(pyfuse3.Operations):
     def _open_image(self, key: tuple, writable: bool) -> Image:
         disk = self._disk(key)
         try:
-            image = open_image(disk.path, disk.format, read_only=not writable,
-                               store_root=self.store.root)
+            image = self.store.open_disk(disk, read_only=not writable)
         except FileNotFoundError:
             log.error("instance %s disk %s: image file %s is missing", key[0], key[1], disk.path)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -375,10 +386,10 @@ class VbdFs(pyfuse3.Operations):
         return image
 
     def _log_once(self, key: tuple, message: str) -> None:
-        """Log a disk's error once, not at every request that meets it."""
+        """Log an instance's or disk's error once, not at every request that meets it."""
         if (key, message) not in self._logged:
             self._logged.add((key, message))
-            log.error("instance %s disk %s %s", key[0], key[1], message)
+            log.error("instance %s %s", " disk ".join(key), message)
 
     async def read(self, fh, off, size):
         try:

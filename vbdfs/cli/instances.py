@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
+import sys
 
 from ..operations import attach, inuse
 from ..store import (DRIVERS, FORMATS, DiskSpec, ManifestError, SizeError, StoreError,
@@ -32,9 +32,11 @@ def instance_summary(store, name: str) -> dict:
     allocated = 0
     for d in m.disks:
         try:
-            allocated += os.stat(d.path).st_blocks * 512
+            allocated += store.stat_disk(d).st_blocks * 512
         except FileNotFoundError:
             pass
+        except OSError as e:      # not a regular file in the store: the daemon refuses it too
+            return {"name": name, "error": f"disk {d.name}: {e}"}
     return {"name": name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": len(m.disks), "size": sum(d.size for d in m.disks), "allocated": allocated,
             "formats": sorted({d.format for d in m.disks})}
@@ -225,32 +227,40 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
     records = attach.live_records(store, name, node)
     disks = []
     for d in m.disks:
+        error = None
         try:
-            allocated = os.stat(d.path).st_blocks * 512
+            allocated = store.stat_disk(d).st_blocks * 512
         except FileNotFoundError:
             allocated = None
+        except OSError as e:      # not a regular file in the store: the daemon refuses it too
+            allocated, error = None, str(e)
         disks.append({"disk": d.name, "index": d.index, "format": d.format,
                       "driver": d.driver, "size": d.size, "allocated": allocated,
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
-                      "attachment": records.get(d.name)})
+                      "attachment": records.get(d.name), "error": error})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": disks}
 
 
 def cmd_info(ctx, args):
     info = instance_info(ctx.store, ctx.mountpoint, ctx.node, args.instance)
+    broken = [f"disk {d['disk']} is broken: {d['error']}" for d in info["disks"] if d["error"]]
     if args.output == "json":
         emit_json(info)
-        return
+        return 1 if broken else 0
     print(f"Instance {info['name']}  OS {info['os'] or '-'}  primary {info['primary'] or '-'}"
           f"  secondary {info['secondary'] or '-'}")
     rows = []
     for d in info["disks"]:
         a = d["attachment"]
         rows.append([d["disk"], d["format"], d["driver"], human_size(d["size"]),
+                     "BROKEN" if d["error"] else
                      "missing" if d["allocated"] is None else human_size(d["allocated"]),
                      d["path"], f"{a['device']} ({a['node']})" if a else "-"])
     print_table(rows, ["Disk", "Format", "Driver", "Size", "Allocated", "Path", "Attached"])
+    for line in broken:
+        print(f"vbdctl: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def cmd_remove(ctx, args):

@@ -27,11 +27,11 @@ def _engine(fmt: str):
 
 def open_image(path: str, fmt: str, read_only: bool = False, store_root: str | None = None,
                **options) -> Image:
-    """Open an image. store_root: the directory a qcow2 image's backing files must
-    stay inside (raw images have none, so it does not concern them)."""
-    if fmt == "qcow2":
-        options["store_root"] = store_root
-    return _engine(fmt)(path, read_only=read_only, **options)
+    """Open an image. store_root: the directory (the store, or the instance's
+    whitelisted custom directory) that the image and its backing files must be
+    regular files inside, reached through no symlink (see confined.py). None
+    only checks the image's last component: for files outside any store."""
+    return _engine(fmt)(path, read_only=read_only, store_root=store_root, **options)
 
 
 def create_image(path: str, fmt: str, size: int, **options) -> Image:

@@ -34,7 +34,8 @@ What this engine does, and the choices it makes:
   cleared before the first write; unknown header fields and extensions are
   kept because header rewrites only patch fixed fields.
 * Backing files: the name is resolved relative to the image's directory and,
-  with `store_root`, must resolve inside it. The format comes from the
+  with `store_root`, must be a regular file inside it, reached through no
+  symlink (the image itself too: confined.open_regular). The format comes from the
   backing-format header extension, or from the caller's `backing_format`
   when the image has no such extension; it is never probed from content,
   and an image with neither is refused. Chains are at most MAX_CHAIN deep
@@ -44,13 +45,13 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
-import stat
 import zlib
 from array import array
 from collections import OrderedDict
 
 from . import qcow2_header as qh
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
+from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
                       start_writeback)
 from .qcow2_refcount import Refcounts, load_be, to_be
@@ -83,8 +84,8 @@ class Qcow2Image(Image):
     def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
                  backing_format: str | None = None, _chain: frozenset = frozenset()):
         """Open an image. `backing_format` is used only when the image does not record
-        its backing file's format itself; `store_root` confines backing files."""
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        its backing file's format itself; `store_root` confines it and its backing files."""
+        self.fd = open_regular(path, os.O_RDONLY if read_only else os.O_RDWR, store_root)
         self.backing = None
         try:
             self._open(path, read_only, store_root, backing_format, _chain)
@@ -94,8 +95,6 @@ class Qcow2Image(Image):
 
     def _open(self, path, read_only, store_root, backing_format, chain) -> None:
         st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{path}: not a regular file")
         head = os.pread(self.fd, 512, 0)
         bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
         cs = 1 << bits if qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS else 512
@@ -162,18 +161,22 @@ class Qcow2Image(Image):
             if os.path.commonpath([root, target]) != root:
                 raise ImageError(f"{self.path}: backing file {name!r} resolves to {target}, "
                                  f"outside the store {root}")
+            # Opened as named, below the root: open_regular refuses any symlink
+            # on the way, including one swapped in after the check above.
+            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
         chain = chain | {me}
-        if target in chain:
+        if os.path.realpath(target) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {target}")
         if len(chain) >= MAX_CHAIN:
             raise ImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN}")
-        if not os.path.isfile(target):
-            raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found")
         try:
             if fmt == "raw":
                 from .raw import RawImage
-                return RawImage(target, read_only=True)
+                return RawImage(target, read_only=True, store_root=store_root)
             return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
+        except FileNotFoundError:
+            raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
+                from None
         except (ImageError, OSError) as e:     # name the image the caller opened too
             raise ImageError(f"{self.path}: backing file {name!r}: {e}") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .base import Extent, Image, ImageError, Kind, is_zero, merge_extents
+from .confined import open_regular
 from .fileops import (allocated_bytes, data_runs, pread_full, punch_hole,
                       pwrite_full, start_writeback)
 
@@ -17,13 +18,10 @@ from .fileops import (allocated_bytes, data_runs, pread_full, punch_hole,
 class RawImage(Image):
     format = "raw"
 
-    def __init__(self, path: str, read_only: bool = False):
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        self.fd = os.open(path, flags | os.O_CLOEXEC)
+    def __init__(self, path: str, read_only: bool = False, store_root: str | None = None):
+        self.fd = open_regular(path, os.O_RDONLY if read_only else os.O_RDWR, store_root)
         try:
             st = os.fstat(self.fd)
-            if not _is_regular(st.st_mode):
-                raise ImageError(f"{path}: not a regular file")
             # Punching a hole smaller than a filesystem block does nothing:
             # zero the unaligned edges with writes instead.
             self.block = max(512, st.st_blksize)
@@ -131,8 +129,3 @@ class RawImage(Image):
             finally:
                 os.close(self.fd)
                 self.fd = -1
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-    return stat.S_ISREG(mode)

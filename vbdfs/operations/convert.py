@@ -52,17 +52,18 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
         try:
             # Nobody (daemon on any node, qemu) may write the disk while it is
             # copied, nor open it between the swap and the manifest's rename.
+            root = store.disk_root(d.path)
             held.append(leases.acquire(d.path, store.state_dir("leases"), name, d.name,
-                                       node or os.uname().nodename, by="vbdctl convert"))
-            with open_image(d.path, d.format, read_only=True,
-                            store_root=store.root) as src, \
+                                       node or os.uname().nodename, by="vbdctl convert",
+                                       root=root))
+            with store.open_disk(d, read_only=True) as src, \
                     create_image(tmp, to, d.size) as dst:
                 h = SparseHash(d.size)
                 with writer(dst) as put:
                     data = copy_image(src, put, h, tick)
                 dst.flush()
             # Read back what the engine wrote: the swap happens only if it hashes the same.
-            with open_image(tmp, to, read_only=True) as new:
+            with open_image(tmp, to, read_only=True, store_root=root) as new:
                 check = SparseHash(d.size)
                 copy_image(new, lambda off, buf: None, check, tick)
                 allocated = new.allocated()
@@ -70,7 +71,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                 raise TransferError(f"{what}: the converted image does not read back the "
                                     "same contents; the disk was left as it was")
             new_m = m.replace(disks=[x.replace(format=to) if x is d else x for x in m.disks])
-            held.append(leases.acquire(tmp))
+            held.append(leases.acquire(tmp, root=root))
             write_atomic(journal, new_m.to_json().encode())
             os.rename(tmp, d.path)
             swapped = True

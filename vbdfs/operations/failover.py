@@ -30,7 +30,8 @@ import shlex
 import shutil
 import time
 
-from ..images import ImageError, open_image
+from ..images import ImageError
+from ..images.confined import UnsafeFile
 from ..store import Store, StoreError, leases
 from ..store.manifest import Manifest, ManifestError
 from . import attach
@@ -84,17 +85,16 @@ def check_disks(store: Store, m: Manifest) -> list[CheckResult]:
     out = []
     for d in m.disks:
         try:
-            st = os.stat(d.path)
+            st = store.stat_disk(d)
+        except UnsafeFile as e:
+            out.append(CheckResult(f"file {d.name}", False, str(e)))
+            continue
         except OSError as e:
             out.append(CheckResult(f"file {d.name}", False, f"{d.path}: {e.strerror}"))
             continue
-        if not os.path.isfile(d.path):
-            out.append(CheckResult(f"file {d.name}", False, f"{d.path} is not a regular file"))
-            continue
         out.append(CheckResult(f"file {d.name}", True, f"{d.path} ({st.st_size} bytes)"))
         try:
-            with open_image(d.path, d.format, read_only=True,
-                            store_root=store.root) as img:
+            with store.open_disk(d, read_only=True) as img:
                 size, chain = img.size, _chain(img)
         except (OSError, ImageError) as e:
             out.append(CheckResult(f"image {d.name}", False, f"{d.format}: {e}"))
@@ -158,7 +158,7 @@ def check_leases(store: Store, m: Manifest, releasing: str | None = None) -> lis
     state = store.state_dir("leases")
     out = []
     for d in m.disks:
-        rec = leases.holder(state, m.name, d.name, d.path)
+        rec = leases.holder(state, m.name, d.name, d.path, store.disk_root(d.path))
         if rec is None:
             out.append(CheckResult(f"lease {d.name}", True, "not held"))
         elif releasing is not None and rec.get("node") == releasing:
@@ -352,9 +352,8 @@ def check_same_file(store: Store, m: Manifest, mountpoint: str) -> list[CheckRes
         name = f"same file {d.name}"
         view = attach.view_path(mp, m.name, d.name)
         try:
-            st_here = os.stat(d.path)
-            with open_image(d.path, d.format, read_only=True,
-                            store_root=store.root) as img:
+            st_here = store.stat_disk(d)
+            with store.open_disk(d, read_only=True) as img:
                 here = digest(img.read, img.size)
             st_there = os.stat(view)
             fd = os.open(view, os.O_RDONLY | os.O_CLOEXEC)

@@ -122,7 +122,7 @@ def lease_holders(store: Store, manifest: Manifest) -> list[tuple[str, str]]:
     out = []
     state = store.state_dir("leases")
     for d in manifest.disks:
-        holder = leases.holder(state, manifest.name, d.name, d.path)
+        holder = leases.holder(state, manifest.name, d.name, d.path, store.disk_root(d.path))
         if holder is not None:
             out.append((d.name, f"disk {d.name} is being written by "
                                 f"{leases.describe(holder)}: {d.path}"))

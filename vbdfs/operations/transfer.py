@@ -77,6 +77,7 @@ import time
 
 from ..images import Image, ImageError, Kind, create_image, open_image
 from ..images.base import is_zero
+from ..images.confined import open_regular
 from ..images.fileops import fsync_dir
 from ..store import DiskSpec, Manifest, ManifestError, Store, StoreError, check_instance_name
 from ..store.manifest import MAX_DISKS
@@ -344,7 +345,7 @@ def _check_writers(store, m, mountpoint, node, force, action) -> list[str]:
 
 def _open_source(store: Store, m: Manifest, d) -> Image:
     try:
-        return open_image(d.path, d.format, read_only=True, store_root=store.root)
+        return store.open_disk(d, read_only=True)
     except (OSError, ImageError) as e:
         raise TransferError(f"instance {m.name} disk {d.name}: {e}") from None
 
@@ -443,7 +444,8 @@ def read_export(export_dir: str) -> tuple[Manifest, list[dict]]:
     except (OSError, UnicodeDecodeError, configparser.Error) as e:
         raise TransferError(f"{export_dir} is not a readable export: {e}") from None
     try:
-        with open(os.path.join(export_dir, MANIFEST_COPY), "rb") as f:
+        with open(open_regular(os.path.join(export_dir, MANIFEST_COPY), os.O_RDONLY,
+                               export_dir), "rb") as f:
             m = Manifest.from_json(f.read(1 << 20), where=os.path.join(export_dir, MANIFEST_COPY))
         count = c.getint("instance", "disk_count")
         if not c.has_section("vbdfs"):

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 
+from ..images.confined import UnsafeFile, open_regular
 from ..images.fileops import write_atomic
 from .locks import ofd_lock, ofd_test
 
@@ -71,12 +72,13 @@ def record_path(state_dir: str, instance: str, disk: str) -> str:
 
 
 def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
-            disk: str = "", node: str = "", by: str = "vbdfs") -> Lease:
+            disk: str = "", node: str = "", by: str = "vbdfs", root: str | None = None) -> Lease:
     """Take a write lease on image_path, or raise LeaseBusy naming the holder.
 
     node and by (the program: the daemon, or `vbdctl grow`) go in the record.
+    root: the directory the image must be a regular file inside (as for open_image).
     """
-    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(image_path, os.O_RDONLY, root)
     try:
         # Lock first, then look for conflicts: of two racing writers at least
         # one sees the other (qemu does the same).
@@ -108,9 +110,9 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
 
 
 
-def is_write_locked(image_path: str) -> bool:
+def is_write_locked(image_path: str, root: str | None = None) -> bool:
     """True if some process holds a writer's locks on the image (vbdfs or qemu)."""
-    fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(image_path, os.O_RDONLY, root)
     try:
         return not ofd_test(fd, exclusive=True, start=PERM_BASE + WRITE, length=1)
     finally:
@@ -126,15 +128,17 @@ def read_record(state_dir: str, instance: str, disk: str) -> dict | None:
         return None
 
 
-def holder(state_dir: str, instance: str, disk: str, image_path: str) -> dict | None:
+def holder(state_dir: str, instance: str, disk: str, image_path: str,
+           root: str | None = None) -> dict | None:
     """The live lease on a disk: its record if the locks are held, else None.
 
     A lock held with no matching record is reported as {"node": None}: a
     writer that is not vbdfs (qemu, or a vbdfs that lost its record).
+    Nothing can hold a lease on a path that is missing or not a regular file.
     """
     try:
-        locked = is_write_locked(image_path)
-    except FileNotFoundError:
+        locked = is_write_locked(image_path, root)
+    except (FileNotFoundError, UnsafeFile):
         return None
     if not locked:
         return None

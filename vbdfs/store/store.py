@@ -19,6 +19,7 @@ import types
 
 from ..images import ImageError, create_image, open_image
 from ..images import qcow2_header
+from ..images.confined import UnsafeFile, open_regular, stat_regular
 from ..images.fileops import fsync_dir, write_atomic
 from . import leases, paths
 from .locks import LockBusy, ofd_lock
@@ -87,7 +88,8 @@ class Store:
                 check_instance_name(name)
             except InvalidName:
                 continue
-            if os.path.isfile(os.path.join(self.root, name, MANIFEST)):
+            # Whatever it is: one that is not a regular file is listed, as broken.
+            if os.path.lexists(os.path.join(self.root, name, MANIFEST)):
                 names.append(name)
         return sorted(names)
 
@@ -98,9 +100,11 @@ class Store:
     def load(self, name: str) -> Manifest:
         path = self.manifest_path(name)
         try:
-            text = _read_manifest(path)
+            text = _read_manifest(path, self.root)
         except FileNotFoundError:
             raise StoreError(f"instance {name} does not exist in {self.root}") from None
+        except UnsafeFile as e:
+            raise ManifestError(str(e)) from None
         except OSError as e:
             raise ManifestError(f"{path}: {e.strerror}") from None
         m = Manifest.from_json(text, where=path)
@@ -172,6 +176,30 @@ class Store:
         if real != parent:
             raise ManifestError(f"{where}: disk {disk}: {parent} leads through a symlink "
                                 f"to {real}")
+
+    def disk_root(self, path: str) -> str:
+        """The directory a disk file is opened below (confined.open_regular):
+        the store, or the whitelisted custom directory of its instance."""
+        parent = os.path.dirname(os.path.dirname(path))
+        if parent == self.root:
+            return parent
+        try:
+            real = paths.check_custom_dir(parent, self.whitelist_file)
+        except paths.UnsafePath as e:
+            raise UnsafeFile(path, f"is outside the store: {e}") from None
+        if real != parent:
+            raise UnsafeFile(path, f"is outside the store: {parent} leads through a "
+                             f"symlink to {real}")
+        return parent
+
+    def open_disk(self, disk: Disk, read_only: bool = False):
+        """The disk's Image; refused unless it is a regular file inside its directory."""
+        return open_image(disk.path, disk.format, read_only=read_only,
+                          store_root=self.disk_root(disk.path))
+
+    def stat_disk(self, disk: Disk) -> os.stat_result:
+        """The disk file's stat, by open_disk()'s rules (UnsafeFile if it breaks them)."""
+        return stat_regular(disk.path, self.disk_root(disk.path))
 
     def save(self, manifest: Manifest) -> None:
         """Replace the manifest atomically. The caller holds the instance lock."""
@@ -313,12 +341,13 @@ class Store:
             m = Manifest(name=name, disks=[], os=os_name, primary=primary, secondary=secondary)
             for i, spec in enumerate(specs):
                 path = os.path.join(data_dir, disk_name(i))
-                fmt = spec.format or probe_format(path)
-                if spec.format == "raw" and qcow2_header.MAGIC == _head(path, 4):
+                root = self.disk_root(path)
+                fmt = spec.format or probe_format(path, root)
+                if spec.format == "raw" and qcow2_header.MAGIC == _head(path, 4, root):
                     log.warning("instance %s: reusing %s as raw, as asked, although it "
                                 "starts with a qcow header", name, path)
                 try:
-                    with open_image(path, fmt, read_only=True, store_root=self.root) as img:
+                    with open_image(path, fmt, read_only=True, store_root=root) as img:
                         size = img.size
                 except (OSError, ImageError) as e:
                     raise StoreError(f"instance {name}: cannot reuse {path} as {fmt}: {e}") \
@@ -492,11 +521,12 @@ class Store:
             # writing the image while its tables are rewritten.
             try:
                 lease = leases.acquire(d.path, self.state_dir("leases"), name, d.name,
-                                       node or os.uname().nodename, by="vbdctl grow")
+                                       node or os.uname().nodename, by="vbdctl grow",
+                                       root=self.disk_root(d.path))
             except leases.LeaseBusy as e:
                 raise StoreError(f"instance {name} disk {d.name}: cannot grow: {e}") from None
             try:
-                with open_image(d.path, d.format, store_root=self.root) as img:
+                with self.open_disk(d) as img:
                     if img.size < new_size:
                         img.resize(new_size)
                         img.flush()
@@ -564,26 +594,26 @@ class Store:
         return m
 
 
-def _read_manifest(path: str) -> bytes:
+def _read_manifest(path: str, root: str) -> bytes:
     """Read a manifest; retry once on ESTALE, which NFS and GlusterFS clients
     return when another node renamed a new manifest over the one they had."""
     try:
-        return _head(path, 1 << 20)
+        return _head(path, 1 << 20, root)
     except OSError as e:
         if e.errno != errno.ESTALE:
             raise
-    return _head(path, 1 << 20)
+    return _head(path, 1 << 20, root)
 
 
-def _head(path: str, n: int) -> bytes:
-    with open(path, "rb") as f:
+def _head(path: str, n: int, root: str | None) -> bytes:
+    with open(open_regular(path, os.O_RDONLY, root), "rb") as f:
         return f.read(n)
 
 
-def probe_format(path: str) -> str:
+def probe_format(path: str, root: str) -> str:
     """'qcow2' or 'raw' from the file's header. Only for adoption: the result is
     recorded in the manifest and the file is never probed again."""
-    head = _head(path, 8)
+    head = _head(path, 8, root)
     if head[:4] == qcow2_header.MAGIC:
         version = struct.unpack(">I", head[4:8])[0] if len(head) == 8 else 0
         if version in (2, 3):
