@@ -102,19 +102,24 @@ def _relative(path: str, root: str) -> str:
     return os.path.relpath(norm, root_norm)
 
 
-_have_openat2 = True    # cleared when the kernel (or a seccomp filter) refuses the call
+_have_openat2 = True    # cleared when the kernel has no openat2 (before 5.6)
 
 
 def _open_beneath(dir_fd: int, rel: str, flags: int) -> int:
     global _have_openat2
-    if _have_openat2:
+    for _ in range(3):      # EAGAIN: a rename raced the lookup; the kernel asks to retry
+        if not _have_openat2:
+            break
         try:
             return _openat2(dir_fd, rel, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
                             | RESOLVE_NO_MAGICLINKS)
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EPERM):
+            if e.errno == errno.ENOSYS:
+                _have_openat2 = False
+            elif e.errno == errno.EPERM:    # a seccomp filter, or an immutable file:
+                break                       # the walk tells them apart
+            elif e.errno != errno.EAGAIN:
                 raise
-            _have_openat2 = False
     return _walk_beneath(dir_fd, rel, flags)
 
 
