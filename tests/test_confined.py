@@ -107,6 +107,26 @@ def test_only_regular_files_below_the_root(tree, name, message):
 
 
 @pytest.mark.root
+def test_fifo_or_device_is_never_opened_for_io(tree):
+    """Refused before any open for I/O (O_PATH, then fstat): a writer that
+    connected to a FIFO and left would show as POLLHUP to its reader (and opening
+    a device node such as /dev/watchdog's has effects of its own)."""
+    import select
+    from vbdfs.images.confined import UnsafeFile, open_regular
+    fifo = os.path.join(tree, "i1", "fifo")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY):
+            with pytest.raises(UnsafeFile):
+                open_regular(fifo, flags, tree)
+        p = select.poll()
+        p.register(reader, select.POLLIN)
+        assert p.poll(0) == []
+    finally:
+        os.close(reader)
+
+
+@pytest.mark.root
 def test_regular_file_opens_blocking(tree):
     from vbdfs.images.confined import open_regular, stat_regular
     path = os.path.join(tree, "i1", "sda")

@@ -4,9 +4,11 @@ open_regular() is the one way vbdfs opens an image, backing file or manifest.
 Other nodes, tools or mistakes can change store entries at any moment, so
 nothing is checked before the open: the open itself refuses a symlink in any
 component below the directory (openat2 with RESOLVE_BENEATH and
-RESOLVE_NO_SYMLINKS, or a walk of O_NOFOLLOW opens where openat2 is missing),
-it is non-blocking (a FIFO cannot hang the opener), and the type is checked
-on the opened descriptor (fstat), so what was checked is what is used.
+RESOLVE_NO_SYMLINKS, or a walk of O_NOFOLLOW opens where openat2 is missing).
+It opens with O_PATH first, which never blocks and never opens a FIFO or a
+device for I/O (opening /dev/watchdog's node would arm it), checks the type
+on that descriptor (fstat), and only then opens that same inode for I/O
+through /proc/self/fd: what was checked is what is used.
 """
 
 from __future__ import annotations
@@ -44,20 +46,19 @@ def open_regular(path: str, flags: int, root: str | None) -> int:
     and may be reached through one). root None: only the last component is
     checked, for files outside any store (tests, an export being imported).
     """
-    fd = _open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, root)
+    handle = _open(path, os.O_PATH, root)
     try:
-        _check_type(path, os.fstat(fd).st_mode)
-        # Non-blocking was only for the open (a FIFO's would wait for a writer).
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        _check_type(path, os.fstat(handle).st_mode)
+        try:    # the inode the handle holds, whatever the path names by now
+            return os.open(f"/proc/self/fd/{handle}", flags | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        os.close(handle)
 
 
 def stat_regular(path: str, root: str | None) -> os.stat_result:
-    """path's stat by the same rules as open_regular(), without opening it for I/O
-    (O_PATH: no FIFO or device is ever opened)."""
+    """path's stat by the same rules as open_regular(), without opening it for I/O."""
     fd = _open(path, os.O_PATH, root)
     try:
         st = os.fstat(fd)
@@ -168,12 +169,12 @@ def _walk_beneath(dir_fd: int, rel: str, flags: int) -> int:
 
 
 def _explain(e: OSError, path: str, root: str | None) -> OSError:
-    """An open's error, with the component to blame when it was a symlink, a
-    directory, a FIFO with no reader (ENXIO) or a non-directory on the way.
+    """An open's error, with the component to blame when it was a symlink or a
+    non-directory on the way.
 
     The lstat calls here only word the message; the refusal was the open's.
     """
-    if e.errno not in (errno.ELOOP, errno.ENXIO, errno.ENOTDIR, errno.EISDIR, errno.EXDEV):
+    if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
         return OSError(e.errno, e.strerror, path)
     norm = os.path.normpath(path)
     parts = os.path.relpath(norm, root).split("/") if root else [os.path.basename(norm)]
