@@ -11,6 +11,7 @@ from ..operations import attach, inuse
 from ..store import (DRIVERS, FORMATS, DiskSpec, ManifestError, SizeError, StoreError,
                      check_instance_name, parse_growth, parse_size)
 from ..store.manifest import MAX_DISKS
+from ..store.names import quoted
 from .common import add_output_option, emit_json, human_size, print_table
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,14 @@ def _options(text: str, what: str, keys: tuple, flags: tuple = ()) -> dict:
             value = True
         elif key not in keys or not eq or not value:
             known = ", ".join([f"{k}=..." for k in keys] + list(flags))
-            raise argparse.ArgumentTypeError(f"{what}: bad option {item!r} (known: {known})")
+            raise argparse.ArgumentTypeError(f"{what}: bad option {quoted(item)} (known: {known})")
         if key in out:
             raise argparse.ArgumentTypeError(f"{what}: {key} given twice")
         out[key] = value
     for key, choices in (("format", FORMATS), ("driver", DRIVERS)):
         if key in out and out[key] not in choices:
             raise argparse.ArgumentTypeError(
-                f"{what}: unknown {key} {out[key]!r} (one of {', '.join(choices)})")
+                f"{what}: unknown {key} {quoted(out[key])} (one of {', '.join(choices)})")
     return out
 
 
@@ -90,9 +91,9 @@ def parse_template(text: str) -> dict:
     """-t file[:path=DIR][,driver=D][,reuse][,format=F] (':' or ',' after 'file')."""
     m = re.match(r"([a-z]+)(?:[:,](.*))?\Z", text, re.S)
     if not m or m.group(1) != "file":
-        raise argparse.ArgumentTypeError(f"disk template {text!r}: only 'file' is supported "
+        raise argparse.ArgumentTypeError(f"disk template {quoted(text)}: only 'file' is supported "
                                          "(file[:path=DIR][,driver=...][,reuse][,format=...])")
-    return _options(m.group(2) or "", f"disk template {text!r}",
+    return _options(m.group(2) or "", "disk template",
                     ("path", "driver", "format"), ("reuse",))
 
 
@@ -100,8 +101,11 @@ def parse_disk(text: str) -> tuple[int, dict]:
     """--disk N[:size=SIZE][,format=F][,driver=D]"""
     index, _, rest = text.partition(":")
     if not index.isdigit() or not index.isascii():
-        raise argparse.ArgumentTypeError(f"disk {text!r}: expected INDEX[:size=SIZE,...] "
+        raise argparse.ArgumentTypeError(f"disk {quoted(text)}: expected INDEX[:size=SIZE,...] "
                                          "with INDEX 0, 1, ...")
+    if len(index) > 3 or int(index) >= MAX_DISKS:
+        raise argparse.ArgumentTypeError(f"disk index {index} is out of range "
+                                         f"(0 to {MAX_DISKS - 1})")
     opts = _options(rest, f"disk {index}", ("size", "format", "driver"))
     if "size" in opts:
         try:
@@ -115,16 +119,16 @@ def parse_nodes(text: str) -> tuple[str, str]:
     primary, _, secondary = text.partition(":")
     for n in filter(None, (primary, secondary)):
         if len(n) > 255 or not _NODE_RE.match(n):
-            raise argparse.ArgumentTypeError(f"node name {n!r} is not a host name")
+            raise argparse.ArgumentTypeError(f"node name {quoted(n)} is not a host name")
     if not primary or primary == secondary:
-        raise argparse.ArgumentTypeError(f"nodes {text!r}: expected PRIMARY[:SECONDARY], "
+        raise argparse.ArgumentTypeError(f"nodes {quoted(text)}: expected PRIMARY[:SECONDARY], "
                                          "two different nodes")
     return primary, secondary
 
 
 def parse_os(text: str) -> str:
     if not _OS_RE.match(text):
-        raise argparse.ArgumentTypeError(f"OS name {text!r}: letters, digits, '.', '_', "
+        raise argparse.ArgumentTypeError(f"OS name {quoted(text)}: letters, digits, '.', '_', "
                                          "'+', '-' only")
     return text
 
@@ -188,8 +192,8 @@ def disk_specs(parser, template: dict, disks: list[tuple[int, dict]]) -> list[Di
         by_index[index] = opts
     missing = [i for i in range(max(by_index) + 1) if i not in by_index]
     if missing:
-        parser.error(f"disk indices must be 0, 1, 2, ... without gaps: "
-                     f"{', '.join(map(str, missing))} missing")
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        parser.error(f"disk indices must be 0, 1, 2, ... without gaps: {shown} missing")
     if len(by_index) > MAX_DISKS:
         parser.error(f"{len(by_index)} disks: at most {MAX_DISKS}")
     specs = []
