@@ -67,7 +67,7 @@ def test_bad_input_gives_one_short_line(store, tmp_path, args, code, says):
 
 
 @pytest.mark.parametrize("text", ["\u0665", "\u0665M", "1\u0660G", "\uff11G", "1.\u0665G",
-                                  "5\u2003G", "٥"])
+                                  "5\u2003G"])
 def test_only_ascii_digits_are_sizes(text):
     with pytest.raises(SizeError, match="not a number"):
         parse_size(text)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 
 from ..operations import attach, inuse
 from ..store import (DRIVERS, FORMATS, DiskSpec, ManifestError, SizeError, StoreError,
@@ -36,9 +37,10 @@ def instance_summary(store, name: str) -> dict:
             allocated += os.stat(d.path).st_blocks * 512
         except FileNotFoundError:
             pass
+    read_only = {d.name: r for d in m.disks if (r := store.read_only_reason(d))}
     return {"name": name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": len(m.disks), "size": sum(d.size for d in m.disks), "allocated": allocated,
-            "formats": sorted({d.format for d in m.disks})}
+            "formats": sorted({d.format for d in m.disks}), "read_only": read_only}
 
 
 def cmd_list(ctx, args):
@@ -50,12 +52,13 @@ def cmd_list(ctx, args):
         rows = []
         for it in items:
             if "error" in it:
-                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"]])
+                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"], ""])
             else:
                 rows.append([it["name"], it["disks"], human_size(it["size"]),
                              human_size(it["allocated"]), ",".join(it["formats"]),
-                             it["primary"] or "-"])
-        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary"])
+                             it["primary"] or "-", ",".join(it["read_only"]) or "-"])
+        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary",
+                           "Read-only"])
     return 1 if any("error" in it for it in items) else 0
 
 
@@ -217,10 +220,18 @@ def cmd_add(ctx, args):
     if args.template.get("reuse"):
         m = ctx.store.adopt(args.instance, specs, driver=args.template.get("driver", "loop"),
                             **kw)
+        # Adopted all the same (nothing is changed; qemu-img can repair it in
+        # place), but the administrator must know before attaching it.
+        read_only = {d.name: r for d in m.disks if (r := ctx.store.read_only_reason(d))}
+        for disk, reason in read_only.items():
+            print(f"vbdctl: warning: instance {m.name} disk {disk} is read-only: {reason}",
+                  file=sys.stderr)
     else:
         m = ctx.store.create(args.instance, specs, **kw)
+        read_only = {}
     print(f"added instance {m.name}: " + ", ".join(
-        f"{d.name} {human_size(d.size)} {d.format} ({d.driver})" for d in m.disks))
+        f"{d.name} {human_size(d.size)} {d.format} ({d.driver}"
+        f"{', read-only' if d.name in read_only else ''})" for d in m.disks))
 
 
 def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
@@ -236,7 +247,8 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
         disks.append({"disk": d.name, "index": d.index, "format": d.format,
                       "driver": d.driver, "size": d.size, "allocated": allocated,
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
-                      "attachment": records.get(d.name)})
+                      "attachment": records.get(d.name),
+                      "read_only": store.read_only_reason(d)})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": disks}
 
@@ -255,6 +267,9 @@ def cmd_info(ctx, args):
                      "missing" if d["allocated"] is None else human_size(d["allocated"]),
                      d["path"], f"{a['device']} ({a['node']})" if a else "-"])
     print_table(rows, ["Disk", "Format", "Driver", "Size", "Allocated", "Path", "Attached"])
+    for d in info["disks"]:
+        if d["read_only"]:
+            print(f"{d['disk']} is read-only: {d['read_only']}")
 
 
 def cmd_remove(ctx, args):

@@ -463,6 +463,21 @@ class Store:
                 fsync_dir(d)
         return new_m
 
+    def read_only_reason(self, disk: Disk) -> str | None:
+        """Why disk's image opens only read-only (qcow2 dirty, corrupt, ...), or None.
+
+        None too when the image cannot be opened at all: that is an error of
+        its own, reported where the disk is used.
+        """
+        st = _lstat(disk.path)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None         # not an image file; never opened here (a FIFO would block)
+        try:
+            with open_image(disk.path, disk.format, read_only=True, store_root=self.root) as img:
+                return img.read_only_reason
+        except (OSError, ImageError):
+            return None
+
     def grow(self, name: str, disk, new_size: int | None = None, growth: int | None = None,
              check=None, node: str = "") -> Disk:
         """Grow one disk to new_size bytes, or by growth bytes (never shrink).
