@@ -108,6 +108,9 @@ def test_read_only_qcow2_says_so_everywhere(ctl, store, case):
 
     view = ctl.mount.disk("vm")
     wait_for(lambda: os.path.exists(view), what="the disk in the mount")
+    r = ctl("xen-config", "vm", check=0)
+    assert "disk sda is read-only: " in r.stderr and says in r.stderr
+    assert "read-only" not in ctl("xen-config", "--read-only", "vm", check=0).stderr
     assert says in os.getxattr(view, XATTR).decode()
     assert XATTR in os.listxattr(view)
     assert stat.S_IMODE(os.stat(view).st_mode) == 0o400
