@@ -49,6 +49,8 @@ JUNK = "x" * 5000
     (["add", "-t", "file:path=/" + JUNK, "--disk", "0:size=1G", "new"], 1,
      "custom storage path"),
     (["list", "--output", JUNK], 2, "invalid choice"),
+    (["mount", "good", "sda", "/nonexistent", "--partition", "\u0665"], 2, "expected 1, 2"),
+    (["mount", "good", "sda", "/nonexistent", "--partition", BIG], 2, "expected 1, 2"),
     (["list"] + ["x" * 100] * 2000, 2, "and 1999 more"),
     (["add", "--disk", "0:size=5" + "Q" * 5000, "new"], 2, "is not a number"),
 ])
