@@ -34,6 +34,8 @@ ATTR_TIMEOUT = 1.0
 XATTR_FORMAT = b"user.vbdfs.format"
 XATTR_LOGICAL_ID = b"user.vbdfs.logical_id"
 XATTR_ALLOCATED = b"user.vbdfs.allocated"
+# Present only on a disk whose image opens read-only; its value says why.
+XATTR_READ_ONLY = b"user.vbdfs.read_only"
 XATTRS = (XATTR_FORMAT, XATTR_LOGICAL_ID, XATTR_ALLOCATED)
 # On the mount's root: which node's daemon serves it (failover-check asks).
 XATTR_NODE = b"user.vbdfs.node"
@@ -95,6 +97,7 @@ class VbdFs(pyfuse3.Operations):
         self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
         self._open: dict[int, OpenDisk] = {}      # fh (= disk inode) -> OpenDisk
         self._logged: set[tuple] = set()           # errors already logged once
+        self._read_only: dict[tuple, tuple] = {}    # key -> (image file stat key, reason)
         self._root_stat = os.stat(store.root)
 
     # --- inodes and manifests -------------------------------------------
@@ -171,7 +174,9 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.st_mode = stat.S_IFREG | 0o600
+        # 0400 for a disk that can only be read: ls -l shows it (root may still
+        # open it for writing, and gets EROFS from open()).
+        a.st_mode = stat.S_IFREG | (0o400 if self._read_only_reason(od, key, st) else 0o600)
         a.st_nlink = 1
         a.st_uid = a.st_gid = 0
         a.st_size = od.image.size if od else disk.size
@@ -267,17 +272,26 @@ class VbdFs(pyfuse3.Operations):
     # --- extended attributes --------------------------------------------
     @contained
     async def listxattr(self, inode, ctx):
-        depth = len(self._key(inode))
-        return list(XATTRS) if depth == 2 else list(ROOT_XATTRS) if depth == 0 else []
+        key = self._key(inode)
+        if len(key) == 2:
+            disk = self._disk(key)
+            reason = self._read_only_reason(self._open.get(inode), key, os.stat(disk.path))
+            return list(XATTRS) + ([XATTR_READ_ONLY] if reason else [])
+        return list(ROOT_XATTRS) if len(key) == 0 else []
 
     @contained
     async def getxattr(self, inode, name, ctx):
         key = self._key(inode)
         if key == () and name in ROOT_XATTRS:
             return (self.node if name == XATTR_NODE else str(os.getpid())).encode()
-        if len(key) != 2 or name not in XATTRS:
+        if len(key) != 2 or name not in XATTRS + (XATTR_READ_ONLY,):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         disk = self._disk(key)
+        if name == XATTR_READ_ONLY:
+            reason = self._read_only_reason(self._open.get(inode), key, os.stat(disk.path))
+            if reason is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return reason.encode()
         if name == XATTR_FORMAT:
             return disk.format.encode()
         if name == XATTR_LOGICAL_ID:
@@ -336,6 +350,10 @@ class VbdFs(pyfuse3.Operations):
                 new.opens = od.opens
                 od.close()
             od = self._open[inode] = new
+        if writable and od.image.read_only_reason:
+            # Refused here, not at the first write: losetup, attach and guests
+            # learn it at once (the engine may also find corruption while open).
+            raise pyfuse3.FUSEError(errno.EROFS)
         od.opens += 1
         # direct_io: no page cache in front of the disk (the backing file has
         # one), and the kernel then skips its security.capability GETXATTR
@@ -362,11 +380,16 @@ class VbdFs(pyfuse3.Operations):
                 self._log_once(key, f"unavailable: {e}")
                 raise pyfuse3.FUSEError(errno.EIO) from None
         try:
-            return OpenDisk(self._open_image(key, writable), writable, lease)
+            image = self._open_image(key, writable)
         except BaseException:
             if lease is not None:
                 lease.release()
             raise
+        if writable and image.read_only_reason:
+            image.close()
+            lease.release()
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return OpenDisk(image, writable, lease)
 
     def _open_image(self, key: tuple, writable: bool) -> Image:
         disk = self._disk(key)
@@ -380,16 +403,39 @@ class VbdFs(pyfuse3.Operations):
         except (ImageError, OSError) as e:
             self._log_once(key, f"unavailable: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
+        self._note_read_only(key, image.read_only_reason)
         if image.size != disk.size:
             log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "
                         "serving the image's size", key[0], key[1], image.size, disk.size)
         return image
 
-    def _log_once(self, key: tuple, message: str) -> None:
+    def _log_once(self, key: tuple, message: str, level: int = logging.ERROR) -> None:
         """Log an instance's or disk's error once, not at every request that meets it."""
         if (key, message) not in self._logged:
             self._logged.add((key, message))
-            log.error("instance %s %s", " disk ".join(key), message)
+            log.log(level, "instance %s %s", " disk ".join(key), message)
+
+    def _note_read_only(self, key: tuple, reason: str | None) -> None:
+        if reason:
+            self._log_once(key, f"is read-only: {reason}", logging.WARNING)
+
+    def _read_only_reason(self, od: OpenDisk | None, key: tuple, st) -> str | None:
+        """Why the disk can only be read, or None. From its open Image, else
+        from a read-only open, remembered until the image file changes."""
+        if od is not None:
+            return od.image.read_only_reason
+        if not stat.S_ISREG(st.st_mode):
+            return None          # opening it would fail (or block): nothing to say here
+        version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._read_only.get(key)
+        if cached is None or cached[0] != version:
+            try:
+                with self._open_image(key, False) as image:
+                    reason = image.read_only_reason
+            except pyfuse3.FUSEError:
+                reason = None    # unusable: _open_image logged why; open() will fail
+            cached = self._read_only[key] = (version, reason)
+        return cached[1]
 
     async def read(self, fh, off, size):
         try:

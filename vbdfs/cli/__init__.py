@@ -21,7 +21,7 @@ import signal
 import sys
 
 from .. import config as config_mod
-from .common import ERRORS, Context
+from .common import ERRORS, Context, Parser, one_line
 
 log = logging.getLogger("vbdctl")
 
@@ -52,7 +52,7 @@ def command_in(argv: list[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with a known command, only that command's module is loaded."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vbdctl",
         description="Manage vbdfs instances: file-based virtual block devices for Xen Dom0.",
         epilog="Defaults come from /etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG); the environment "
@@ -99,7 +99,13 @@ def main(argv=None) -> int:
             return 1
         return 0                        # `vbdctl list | head`: the reader has all it wants
     except ERRORS as e:
-        print(f"vbdctl: {e}", file=sys.stderr)
+        print(f"vbdctl: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # A bug, not an answer: still one line; -v shows where it happened.
+        log.info("internal error", exc_info=True)
+        print(f"vbdctl: internal error: {type(e).__name__}: {one_line(e)} "
+              "(a bug; -v shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vbdctl: interrupted", file=sys.stderr)

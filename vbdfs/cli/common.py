@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -9,6 +10,7 @@ from ..config import Config, ConfigError
 from ..images import ImageError
 from ..store import InvalidName, ManifestError, NoSuchDisk, Store, StoreError, UnsafePath
 from ..store.locks import LockBusy
+from ..store.names import quoted
 
 
 class VbdctlError(Exception):
@@ -18,6 +20,39 @@ class VbdctlError(Exception):
 # Exceptions that end a command with exit status 1 and their message.
 ERRORS = (VbdctlError, ConfigError, StoreError, ManifestError, NoSuchDisk, InvalidName, UnsafePath,
           ImageError, LockBusy, OSError)
+
+
+LINE_LIMIT = 600    # characters of one error line, at most (room for a few long paths)
+WORD_LIMIT = 160    # a longer word (a pasted blob, 5,000 digits) is summarised
+
+
+def one_line(message) -> str:
+    """An error message as one line of sane length: control characters
+    escaped, each overlong word cut to its ends and its length, and the middle
+    of an overlong line dropped. Messages quote what was given, which can be
+    anything; the line stays readable and the cause (usually at the end) stays.
+    """
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+    line = " ".join(w if len(w) <= WORD_LIMIT else f"{w[:32]}...{w[-12:]} ({len(w)} characters)"
+                    for w in text.split(" "))
+    if len(line) > LINE_LIMIT:
+        half = LINE_LIMIT // 2 - 20
+        line = f"{line[:half]} ... ({len(line)} characters) ... {line[-half:]}"
+    return line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one short line and exit status 2."""
+
+    def parse_args(self, args=None, namespace=None):
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:       # named by the first, counted: not echoed whole
+            more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+            self.error(f"unrecognized argument {quoted(extra[0])}{more}")
+        return args
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 class Context:

@@ -11,6 +11,7 @@ from ..operations import attach, inuse
 from ..store import (DRIVERS, FORMATS, DiskSpec, ManifestError, SizeError, StoreError,
                      check_instance_name, parse_growth, parse_size)
 from ..store.manifest import MAX_DISKS
+from ..store.names import quoted
 from .common import add_output_option, emit_json, human_size, print_table
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ def instance_summary(store, name: str) -> dict:
             pass
         except OSError as e:      # not a regular file in the store: the daemon refuses it too
             return {"name": name, "error": f"disk {d.name}: {e}"}
+    read_only = {d.name: r for d in m.disks if (r := store.read_only_reason(d))}
     return {"name": name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": len(m.disks), "size": sum(d.size for d in m.disks), "allocated": allocated,
-            "formats": sorted({d.format for d in m.disks})}
+            "formats": sorted({d.format for d in m.disks}), "read_only": read_only}
 
 
 def cmd_list(ctx, args):
@@ -51,12 +53,13 @@ def cmd_list(ctx, args):
         rows = []
         for it in items:
             if "error" in it:
-                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"]])
+                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"], ""])
             else:
                 rows.append([it["name"], it["disks"], human_size(it["size"]),
                              human_size(it["allocated"]), ",".join(it["formats"]),
-                             it["primary"] or "-"])
-        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary"])
+                             it["primary"] or "-", ",".join(it["read_only"]) or "-"])
+        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary",
+                           "Read-only"])
     return 1 if any("error" in it for it in items) else 0
 
 
@@ -77,14 +80,14 @@ def _options(text: str, what: str, keys: tuple, flags: tuple = ()) -> dict:
             value = True
         elif key not in keys or not eq or not value:
             known = ", ".join([f"{k}=..." for k in keys] + list(flags))
-            raise argparse.ArgumentTypeError(f"{what}: bad option {item!r} (known: {known})")
+            raise argparse.ArgumentTypeError(f"{what}: bad option {quoted(item)} (known: {known})")
         if key in out:
             raise argparse.ArgumentTypeError(f"{what}: {key} given twice")
         out[key] = value
     for key, choices in (("format", FORMATS), ("driver", DRIVERS)):
         if key in out and out[key] not in choices:
             raise argparse.ArgumentTypeError(
-                f"{what}: unknown {key} {out[key]!r} (one of {', '.join(choices)})")
+                f"{what}: unknown {key} {quoted(out[key])} (one of {', '.join(choices)})")
     return out
 
 
@@ -92,9 +95,9 @@ def parse_template(text: str) -> dict:
     """-t file[:path=DIR][,driver=D][,reuse][,format=F] (':' or ',' after 'file')."""
     m = re.match(r"([a-z]+)(?:[:,](.*))?\Z", text, re.S)
     if not m or m.group(1) != "file":
-        raise argparse.ArgumentTypeError(f"disk template {text!r}: only 'file' is supported "
+        raise argparse.ArgumentTypeError(f"disk template {quoted(text)}: only 'file' is supported "
                                          "(file[:path=DIR][,driver=...][,reuse][,format=...])")
-    return _options(m.group(2) or "", f"disk template {text!r}",
+    return _options(m.group(2) or "", "disk template",
                     ("path", "driver", "format"), ("reuse",))
 
 
@@ -102,8 +105,11 @@ def parse_disk(text: str) -> tuple[int, dict]:
     """--disk N[:size=SIZE][,format=F][,driver=D]"""
     index, _, rest = text.partition(":")
     if not index.isdigit() or not index.isascii():
-        raise argparse.ArgumentTypeError(f"disk {text!r}: expected INDEX[:size=SIZE,...] "
+        raise argparse.ArgumentTypeError(f"disk {quoted(text)}: expected INDEX[:size=SIZE,...] "
                                          "with INDEX 0, 1, ...")
+    if len(index) > 3 or int(index) >= MAX_DISKS:
+        raise argparse.ArgumentTypeError(f"disk index {index} is out of range "
+                                         f"(0 to {MAX_DISKS - 1})")
     opts = _options(rest, f"disk {index}", ("size", "format", "driver"))
     if "size" in opts:
         try:
@@ -117,16 +123,16 @@ def parse_nodes(text: str) -> tuple[str, str]:
     primary, _, secondary = text.partition(":")
     for n in filter(None, (primary, secondary)):
         if len(n) > 255 or not _NODE_RE.match(n):
-            raise argparse.ArgumentTypeError(f"node name {n!r} is not a host name")
+            raise argparse.ArgumentTypeError(f"node name {quoted(n)} is not a host name")
     if not primary or primary == secondary:
-        raise argparse.ArgumentTypeError(f"nodes {text!r}: expected PRIMARY[:SECONDARY], "
+        raise argparse.ArgumentTypeError(f"nodes {quoted(text)}: expected PRIMARY[:SECONDARY], "
                                          "two different nodes")
     return primary, secondary
 
 
 def parse_os(text: str) -> str:
     if not _OS_RE.match(text):
-        raise argparse.ArgumentTypeError(f"OS name {text!r}: letters, digits, '.', '_', "
+        raise argparse.ArgumentTypeError(f"OS name {quoted(text)}: letters, digits, '.', '_', "
                                          "'+', '-' only")
     return text
 
@@ -190,8 +196,8 @@ def disk_specs(parser, template: dict, disks: list[tuple[int, dict]]) -> list[Di
         by_index[index] = opts
     missing = [i for i in range(max(by_index) + 1) if i not in by_index]
     if missing:
-        parser.error(f"disk indices must be 0, 1, 2, ... without gaps: "
-                     f"{', '.join(map(str, missing))} missing")
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        parser.error(f"disk indices must be 0, 1, 2, ... without gaps: {shown} missing")
     if len(by_index) > MAX_DISKS:
         parser.error(f"{len(by_index)} disks: at most {MAX_DISKS}")
     specs = []
@@ -215,10 +221,18 @@ def cmd_add(ctx, args):
     if args.template.get("reuse"):
         m = ctx.store.adopt(args.instance, specs, driver=args.template.get("driver", "loop"),
                             **kw)
+        # Adopted all the same (nothing is changed; qemu-img can repair it in
+        # place), but the administrator must know before attaching it.
+        read_only = {d.name: r for d in m.disks if (r := ctx.store.read_only_reason(d))}
+        for disk, reason in read_only.items():
+            print(f"vbdctl: warning: instance {m.name} disk {disk} is read-only: {reason}",
+                  file=sys.stderr)
     else:
         m = ctx.store.create(args.instance, specs, **kw)
+        read_only = {}
     print(f"added instance {m.name}: " + ", ".join(
-        f"{d.name} {human_size(d.size)} {d.format} ({d.driver})" for d in m.disks))
+        f"{d.name} {human_size(d.size)} {d.format} ({d.driver}"
+        f"{', read-only' if d.name in read_only else ''})" for d in m.disks))
 
 
 def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
@@ -237,7 +251,8 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
         disks.append({"disk": d.name, "index": d.index, "format": d.format,
                       "driver": d.driver, "size": d.size, "allocated": allocated,
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
-                      "attachment": records.get(d.name), "error": error})
+                      "attachment": records.get(d.name), "error": error,
+                      "read_only": None if error else store.read_only_reason(d)})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": disks}
 
@@ -258,6 +273,9 @@ def cmd_info(ctx, args):
                      "missing" if d["allocated"] is None else human_size(d["allocated"]),
                      d["path"], f"{a['device']} ({a['node']})" if a else "-"])
     print_table(rows, ["Disk", "Format", "Driver", "Size", "Allocated", "Path", "Attached"])
+    for d in info["disks"]:
+        if d["read_only"]:
+            print(f"{d['disk']} is read-only: {d['read_only']}")
     for line in broken:
         print(f"vbdctl: {line}", file=sys.stderr)
     return 1 if broken else 0

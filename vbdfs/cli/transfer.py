@@ -8,6 +8,7 @@ import sys
 
 from ..images import FORMATS
 from ..operations import transfer
+from ..store.names import quoted
 from .common import VbdctlError, add_output_option, emit_json, human_size
 
 
@@ -68,8 +69,9 @@ def register(sub) -> None:
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"partition {text!r}: expected 1, 2, ...")
+    # ASCII digits only (int() reads "\u0665" as 5), and few: int() of 5,000 fails.
+    if not (text.isascii() and text.isdigit()) or len(text) > 4 or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"partition {quoted(text)}: expected 1, 2, ...")
     return int(text)
 
 

@@ -37,4 +37,11 @@ def cmd_xen_config(ctx, args):
     except attach.AttachError as e:
         # The config may be meant for another node: say so, but print it.
         log.warning("%s; the paths below will not exist until it is", e)
+    if not args.read_only:
+        for d in m.disks:
+            reason = ctx.store.read_only_reason(d)
+            if reason:
+                log.warning("instance %s disk %s is read-only: %s; use --read-only, or "
+                            "repair the image before starting the domain", m.name, d.name,
+                            reason)
     print(text)

@@ -46,6 +46,11 @@ class Image:
     """Base class: subclasses implement the I/O; this holds the shared checks."""
 
     format: str = "?"
+    # Why the image can only be read, whatever the caller asked (a qcow2 marked
+    # dirty or corrupt, a refcount width the engine cannot write), or None.
+    # Set at open, or later when the engine finds corruption; shown to the
+    # administrator by vbdctl and the mount, so it says what to do.
+    read_only_reason: str | None = None
 
     def __init__(self, path: str, size: int, read_only: bool):
         self.path = path

@@ -263,6 +263,10 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                 if not os.path.exists(view):
                     raise AttachError(f"instance {instance} disk {d.name}: {view} does not "
                                       "exist (is the daemon serving this instance?)")
+                reason = read_only_reason(view)
+                if reason and not read_only:
+                    raise AttachError(f"instance {instance} disk {d.name} can only be "
+                                      f"attached read-only (--read-only): {reason}")
                 rec = _attach_one(instance, d.name, d.driver if driver is None else driver,
                                   view, read_only, direct_io)
                 rec["node"] = node
@@ -291,6 +295,12 @@ def _attach_one(instance: str, disk: str, driver: str, view: str, read_only: boo
         device = _run(args + [view], f"{what}: attaching a loop device").strip()
         if not device.startswith("/dev/"):
             raise AttachError(f"{what}: losetup printed {device!r}, not a device")
+        if not read_only and _loop_read_only(device):
+            # losetup falls back to read-only when open() says EROFS: the disk
+            # became read-only since the check above. Not what was asked.
+            _run(["losetup", "--detach", device], f"{what}: detaching {device}")
+            raise AttachError(f"{what} can only be attached read-only (--read-only): "
+                              f"{read_only_reason(view) or 'the mount refused writing'}")
         rec.update(device=device, direct_io=loop_dio(device))
         return rec
     if tap_ctl() is None:
@@ -303,6 +313,21 @@ def _attach_one(instance: str, disk: str, driver: str, view: str, read_only: boo
     device = _run(["tap-ctl", "create", "-a", "aio:" + view], f"{what}: tap-ctl create").strip()
     rec.update(device=device)
     return rec
+
+
+def read_only_reason(view: str) -> str | None:
+    """Why the mount serves this disk read-only only (its user.vbdfs.read_only), or None."""
+    try:
+        return os.getxattr(view, "user.vbdfs.read_only").decode(errors="replace")
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _loop_read_only(device: str, sysfs: str = "/sys/block") -> bool:
+    with open(f"{sysfs}/{os.path.basename(device)}/ro") as f:
+        return f.read().strip() == "1"
 
 
 def _detach_one(instance: str, rec: dict) -> None:

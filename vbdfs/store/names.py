@@ -15,21 +15,29 @@ class InvalidName(ValueError):
     pass
 
 
+def quoted(text, limit: int = 32) -> str:
+    """repr(text) for a message; only its start if long: a typo or a pasted
+    blob of 5,000 characters, the error stays one short line."""
+    if not isinstance(text, str) or len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit - 8]!r}... ({len(text)} characters)"
+
+
 def check_instance_name(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidName("instance name is empty")
     if "\0" in name:
         raise InvalidName("instance name contains a NUL byte")
     if "/" in name:
-        raise InvalidName(f"instance name {name!r} contains '/'")
+        raise InvalidName(f"instance name {quoted(name)} contains '/'")
     if name in (".", "..") or ".." in name:
-        raise InvalidName(f"instance name {name!r} contains '..'")
+        raise InvalidName(f"instance name {quoted(name)} contains '..'")
     if name.startswith("."):
-        raise InvalidName(f"instance name {name!r} starts with '.'")
+        raise InvalidName(f"instance name {quoted(name)} starts with '.'")
     if len(name) > MAX_NAME:
         raise InvalidName(f"instance name is {len(name)} characters long (at most {MAX_NAME})")
     if not _NAME_RE.match(name):
-        raise InvalidName(f"instance name {name!r} has characters other than "
+        raise InvalidName(f"instance name {quoted(name)} has characters other than "
                           "letters, digits, '.', '_', '+' and '-'")
     return name
 
@@ -50,7 +58,7 @@ def disk_index(name: str, prefix: str = "sd") -> int:
     """Inverse of disk_name; InvalidName if name is not one."""
     if not name.startswith(prefix) or not name[len(prefix):].isalpha() \
             or not name[len(prefix):].islower() or not name[len(prefix):].isascii():
-        raise InvalidName(f"{name!r} is not a disk name ({prefix}a, {prefix}b, ...)")
+        raise InvalidName(f"{quoted(name)} is not a disk name ({prefix}a, {prefix}b, ...)")
     n = 0
     for c in name[len(prefix):]:
         n = n * 26 + (ord(c) - ord("a") + 1)

@@ -492,6 +492,18 @@ class Store:
                 fsync_dir(d)
         return new_m
 
+    def read_only_reason(self, disk: Disk) -> str | None:
+        """Why disk's image opens only read-only (qcow2 dirty, corrupt, ...), or None.
+
+        None too when the image cannot be opened at all: that is an error of
+        its own, reported where the disk is used.
+        """
+        try:        # open_disk never opens a FIFO or device for I/O, nor leaves the store
+            with self.open_disk(disk, read_only=True) as img:
+                return img.read_only_reason
+        except (OSError, ImageError):
+            return None
+
     def grow(self, name: str, disk, new_size: int | None = None, growth: int | None = None,
              check=None, node: str = "") -> Disk:
         """Grow one disk to new_size bytes, or by growth bytes (never shrink).
