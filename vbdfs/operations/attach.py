@@ -91,8 +91,9 @@ def check_mount(store: Store, mountpoint: str) -> str:
         os.stat(mp)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise AttachError(f"the vbdfs daemon serving {mp} is gone: unmount it "
-                              f"(fusermount3 -u {mp}) and start the daemon again") from None
+            raise AttachError(f"the vbdfs daemon serving {mp} is gone: start it again "
+                              "(it cleans up the dead mount), then run `vbdctl recover`"
+                              ) from None
         raise
     return mp
 
