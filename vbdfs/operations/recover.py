@@ -67,8 +67,10 @@ def mount_device(mountpoint: str) -> tuple[str, str, str] | None:
 
 
 def is_dead(path: str) -> bool:
+    """Is path a FUSE mount whose daemon is gone? statfs asks the daemon every
+    time; stat may be answered from the kernel's attribute cache."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
