@@ -83,7 +83,9 @@ def parse_args(argv):
         epilog="Options for -o: allow_other, allow_root, node=NAME, config=FILE, "
                "whitelist=FILE, debug; generic mount options (rw, nosuid, nodev, "
                "_netdev, x-systemd.*, ...) are accepted and ignored. Defaults come from "
-               "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG).")
+               "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG). SIGTERM, SIGINT or SIGHUP unmount once "
+               "no disk is open or attached (until then the daemon logs what holds them "
+               "and keeps serving); SIGUSR1 unmounts at once (vbdctl daemon-stop --force).")
     p.add_argument("store", nargs="?", help="the storage directory (default from the config file)")
     p.add_argument("mountpoint", nargs="?", help="where to mount (default from the config file)")
     p.add_argument("-f", "--foreground", action="store_true",
