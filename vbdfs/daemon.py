@@ -46,6 +46,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORCE_SIGNAL = signal.SIGUSR1
 # While a stop waits for disks to be closed: how often to look again.
 STOP_POLL = 1.0
+HOLDERS_TIMEOUT = 5.0
 
 
 class UsageError(Exception):
@@ -162,20 +163,28 @@ class Stopper:
                  if back in holders.Under(self.mountpoint)]
         return tuple(sorted(self.ops.open_disks())), tuple(sorted(loops))
 
-    def _log_holders(self, key: tuple) -> None:
+    async def _holders(self, open_disks) -> list[str]:
+        """What holds the disks, found in a thread: reading /proc of a process
+        blocked on this very mount must not stop the daemon serving it."""
+        with trio.move_on_after(HOLDERS_TIMEOUT):
+            return holders.describe(await trio.to_thread.run_sync(
+                holders.mount_holders, self.mountpoint, open_disks, abandon_on_cancel=True))
+        return [f"{inst}/{disk}: (looking for its holder timed out)" for inst, disk in open_disks]
+
+    async def _log_holders(self, key: tuple) -> None:
         if key == self._seen:
             return
         self._seen = key
-        held = holders.mount_holders(self.mountpoint, key[0])
+        held = await self._holders(key[0])
         log.warning("not unmounting %s: %d disk(s) in use; serving on until they are "
                     "closed (vbdctl daemon-stop --force pulls them)", self.mountpoint, len(held))
-        for line in holders.describe(held):
+        for line in held:
             log.warning("in use: %s", line)
 
     async def _unmount(self) -> bool:
         """A plain umount: the kernel refuses it (EBUSY) if anything opened a disk meanwhile."""
-        r = await trio.run_process(["umount", self.mountpoint], capture_stderr=True,
-                                   check=False)
+        tool = ["umount"] if os.geteuid() == 0 else ["fusermount3", "-u"]
+        r = await trio.run_process([*tool, self.mountpoint], capture_stderr=True, check=False)
         error = r.stderr.decode(errors="replace").strip()
         if r.returncode != 0 and error != self._umount_error:
             log.warning("still serving: %s", error)
@@ -189,22 +198,23 @@ class Stopper:
                 with trio.move_on_after(STOP_POLL if pending else float("inf")):
                     sig = await signals.__anext__()
                     if sig == FORCE_SIGNAL:
-                        return self._force()
+                        return await self._force()
                     log.info("got %s: stopping once no disk is in use",
                              signal.Signals(sig).name)
                     pending, self._seen = True, None
                 if pending:
                     key = self._in_use()
                     if not any(key):
-                        log.info("no disk in use: unmounting %s", self.mountpoint)
+                        if self._umount_error is None:
+                            log.info("no disk in use: unmounting %s", self.mountpoint)
                         if await self._unmount():
                             return     # the kernel ends the session: pyfuse3.main returns
                         key = self._in_use()
                     if any(key):
-                        self._log_holders(key)
+                        await self._log_holders(key)
 
-    def _force(self) -> None:
-        held = holders.describe(holders.mount_holders(self.mountpoint, self.ops.open_disks()))
+    async def _force(self) -> None:
+        held = await self._holders(self.ops.open_disks())
         log.warning("forced stop: unmounting %s%s", self.mountpoint,
                     "; pulling disks in use: " + " | ".join(held) if held else "")
         self.forced = True
