@@ -147,9 +147,12 @@ def test_recover_after_sigkill(store, tmp_path):
         r = ctl("recover")
         assert r.returncode == 1, r.stderr            # something is left: status 1
         out = {line.split()[1].split(":")[0]: line for line in r.stdout.splitlines()}
-        assert set(out) == {"vm/sda", "vm/sdb", "vm/sdc", "vm/sdd"}, r.stdout
+        assert set(out) == {"vm/sda", "vm/sdb", "vm/sdc", "vm/sdd"}, r.stdout + r.stderr
         assert out["vm/sdc"] == f"{devs['sdc']} vm/sdc: re-attached"
-        assert out["vm/sdd"] == f"{devs['sdd']} vm/sdd: re-pointed"
+        # Read-only: re-pointed in place where the kernel allows it; 6.18 asks
+        # the dead file for its size and refuses, then it is held like sdb.
+        repointed = out["vm/sdd"] == f"{devs['sdd']} vm/sdd: re-pointed"
+        assert repointed or f"process {users[1].pid} (python" in out["vm/sdd"], out["vm/sdd"]
         assert f"in use, left alone: filesystem ext4 on {devs['sda']} mounted at {fs}" \
             in out["vm/sda"]
         assert f"process {users[0].pid} (python" in out["vm/sdb"]
@@ -157,23 +160,28 @@ def test_recover_after_sigkill(store, tmp_path):
         # Unused and read-only devices work again, on the same device.
         assert direct(devs["sdc"], 8192) == blocks["sdc"]
         direct(devs["sdc"], 0, b"w" * 4096)
-        assert direct(devs["sdd"], 0) == direct(m2.disk("vm", "sdd"), 0)
+        if repointed:
+            assert direct(devs["sdd"], 0) == direct(m2.disk("vm", "sdd"), 0)
+            stop(users.pop(1))
         with pytest.raises(OSError):
             direct(devs["sdb"])                       # still on the dead connection
 
         # Release the holders; recover again: everything is back.
         sh("umount", str(fs))
-        stop(users.pop(0))
+        while users:
+            stop(users.pop())
         r = ctl("recover", check=0)
         assert sorted(r.stdout.splitlines()) == sorted(
-            f"{devs[d]} vm/{d}: re-attached" for d in ("sda", "sdb")), r.stdout
+            f"{devs[d]} vm/{d}: re-attached" for d in ("sda", "sdb", "sdd")[:3 - repointed]), \
+            r.stdout
+        assert direct(devs["sdd"], 0) == direct(m2.disk("vm", "sdd"), 0)
+        assert open(f"/sys/block/{devs['sdd'][5:]}/ro").read().strip() == "1"
         assert direct(devs["sdb"], 8192) == blocks["sdb"]
         sh("mount", devs["sda"], str(fs))             # the journal replays
         assert (fs / "kept").read_bytes() == b"synced before the crash\n" * 100
         sh("umount", str(fs))
         assert ctl("recover", check=0).stdout.startswith("no loop device is left")
         # The attachment records still describe the devices: detach works.
-        stop(users.pop(0))
         ctl("detach", "vm", check=0)
         assert not any(d in attach.loop_devices() for d in devs.values())
     finally:

@@ -261,16 +261,8 @@ def main(argv=None) -> int:
         return 1
     if not args.foreground:
         daemonize()
-    try:
-        # After a crash, `vbdctl recover` finds the loop devices left on this connection.
-        device = recover.record_connection(ops.store, cfg.node, mountpoint, os.getpid())
-    except (StoreError, OSError) as e:
-        device = "?"
-        log.warning("cannot record this mount's connection (vbdctl recover needs it "
-                    "after a crash): %s", e)
     fuseloop.install()
-    log.info("serving %s at %s as node %s (connection %s)", store_dir, mountpoint, cfg.node,
-             device)
+    log.info("serving %s at %s as node %s", store_dir, mountpoint, cfg.node)
     stopper = Stopper(ops, real_mountpoint)
     unmount = False        # a clean stop unmounted already: the kernel ended the session
     try:

@@ -6,37 +6,42 @@ loop device over a disk view stays bound to that dead file whatever is
 mounted at the path later. So recovery is:
 
 1. The daemon, started on a mount point where a dead vbdfs mount of its
-   store was left (stat fails with ENOTCONN), unmounts that lazily
+   store was left (statfs fails with ENOTCONN), unmounts that lazily
    (fusermount3 -u -z) and mounts afresh: clean_dead_mount. Files still open
    on the dead mount, loop devices included, stay bound to it.
-2. Every daemon records its connection, the mount's device number (the
-   st_dev of every file on it), in STORE/.vbdfs/connections/NODE.json: once
-   the dead mount is unmounted, a loop device's backing file reads
-   "/INSTANCE/DISK" and only that number (LOOP_GET_STATUS64) says which
-   connection it is on.
-3. `vbdctl recover` (recover()) takes every loop device on a recorded
-   connection of this node and boot that nothing serves any more and whose
-   reads fail, and:
-   - read-only: re-points it at the new mount's view with LOOP_CHANGE_FD,
-     which the kernel allows only for read-only devices, even while in use;
-   - writable, unused: detaches it and attaches the view again, on the same
-     device number if it is still free;
-   - writable, in use (mounted, open, stacked on, a Xen backend): leaves it
-     and names what uses it. Stop that, then run recover again.
+2. `vbdctl recover` (recover()) takes every loop device left on a dead
+   connection of this store. Once the dead mount is unmounted, a loop
+   device's backing file reads "/INSTANCE/DISK" (the path inside the lost
+   mount), so a device counts if all of these hold:
+   - its backing file is /INSTANCE/DISK, or MOUNTPOINT/INSTANCE/DISK under a
+     dead vbdfs mount of this store still mounted elsewhere;
+   - INSTANCE has DISK in this store, and the device's size is the disk's;
+   - the file is on a dead FUSE connection: LOOP_GET_STATUS64, which asks
+     the filesystem for the file's attributes, fails with ENOTCONN (or
+     names a device no mount has, while the kernel still has them cached),
+     and a direct read of the device fails.
+   Then:
+   - read-only: re-point it at the new mount's view with LOOP_CHANGE_FD
+     (allowed only for read-only devices), even while in use. Kernels that
+     ask the old file's filesystem for its size refuse that once the dead
+     connection's cached attributes expired (6.18 does, within a second);
+     then it is handled like a writable one;
+   - unused: detach it and attach the view again, on the same device number
+     if it is still free;
+   - in use (mounted, open, stacked on, a Xen backend): leave it and name
+     what uses it. Stop that, then run recover again.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import mmap
 import os
 import struct
 import time
 
 from ..store import Store, StoreError
-from ..store.store import write_atomic
 from . import attach, holders
 from .tools import run_tool
 
@@ -45,7 +50,6 @@ LOOP_CHANGE_FD = 0x4C06
 # struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit,
 # lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags, names, key, init.
 LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
-KEEP_CONNECTIONS = 32
 
 
 class RecoverError(StoreError):
@@ -53,17 +57,24 @@ class RecoverError(StoreError):
 
 
 # --- the mount point -------------------------------------------------------
-def mount_device(mountpoint: str) -> tuple[str, str, str] | None:
-    """(major:minor, fstype, source) of the top mount at mountpoint, or None."""
-    mp = os.path.normpath(os.path.abspath(mountpoint))
-    top = None
+def _mounts() -> list[tuple[str, str, str, str]]:
+    """(major:minor, mount point, fstype, source) of every mount, in mount order."""
+    out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and len(rfields) >= 2 and attach._unescape(fields[4]) == mp:
-                top = (fields[2], rfields[0], attach._unescape(rfields[1]))
-    return top
+            if len(fields) >= 5 and len(rfields) >= 2:
+                out.append((fields[2], attach._unescape(fields[4]), rfields[0],
+                            attach._unescape(rfields[1])))
+    return out
+
+
+def top_mount(mountpoint: str) -> tuple[str, str, str] | None:
+    """(major:minor, fstype, source) of the top mount at mountpoint, or None."""
+    mp = os.path.normpath(os.path.abspath(mountpoint))
+    tops = [(dev, fstype, source) for dev, m, fstype, source in _mounts() if m == mp]
+    return tops[-1] if tops else None
 
 
 def is_dead(path: str) -> bool:
@@ -84,7 +95,7 @@ def clean_dead_mount(store_root: str, mountpoint: str) -> str | None:
     """
     if not is_dead(mountpoint):
         return None
-    top = mount_device(mountpoint)
+    top = top_mount(mountpoint)
     if top is None or top[1] != "fuse.vbdfs":
         what = f"a dead {top[1]} mount" if top else "not reachable"
         raise RecoverError(f"mount point {mountpoint} is {what} (Transport endpoint is not "
@@ -99,61 +110,22 @@ def clean_dead_mount(store_root: str, mountpoint: str) -> str | None:
             "`vbdctl recover` re-attaches them")
 
 
-# --- connection records --------------------------------------------------------
-def _boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
-
-
-def _records_path(store: Store, node: str) -> str:
-    return os.path.join(store.state_dir("connections"), node + ".json")
-
-
-def recorded_connections(store: Store, node: str) -> list[dict]:
-    """This node's recorded connections of this boot, newest last."""
-    try:
-        with open(_records_path(store, node), "rb") as f:
-            raw = json.load(f)
-        entries = raw["connections"] if raw.get("boot_id") == _boot_id() else []
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RecoverError(f"{_records_path(store, node)} is unreadable: {e}") from None
-    return [c for c in entries if isinstance(c, dict) and isinstance(c.get("device"), str)]
-
-
-def record_connection(store: Store, node: str, mountpoint: str, pid: int) -> str:
-    """Add the connection now mounted at mountpoint to this node's records; its device."""
-    top = mount_device(mountpoint)
-    if top is None or top[1] != "fuse.vbdfs":
-        raise RecoverError(f"{mountpoint} is not a vbdfs mount")
-    try:
-        old = recorded_connections(store, node)
-    except RecoverError:
-        old = []                       # unreadable: start afresh
-    entry = {"device": top[0], "mountpoint": os.path.normpath(mountpoint), "pid": pid,
-             "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
-    entries = [c for c in old if c.get("device") != top[0]][-KEEP_CONNECTIONS + 1:] + [entry]
-    write_atomic(_records_path(store, node), (json.dumps(
-        {"boot_id": _boot_id(), "connections": entries}, indent=2) + "\n").encode())
-    return top[0]
-
-
 # --- loop devices ----------------------------------------------------------------
-def backing_device(device: str) -> str | None:
-    """major:minor of the filesystem holding a loop device's backing file."""
+def on_dead_fuse(device: str) -> bool:
+    """Is the loop device's backing file on a FUSE connection whose daemon is gone?"""
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
+        return False
     try:
         info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64.size))
-    except OSError:
-        return None
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
     finally:
         os.close(fd)
-    dev = LOOP_INFO64.unpack(info)[0]
-    return f"{os.major(dev)}:{os.minor(dev)}"
+    dev = LOOP_INFO64.unpack(info)[0]    # attributes still cached: is it mounted?
+    return (os.major(dev) == 0 and
+            f"{os.major(dev)}:{os.minor(dev)}" not in {m[0] for m in _mounts()})
 
 
 def reads_fail(device: str) -> bool:
@@ -196,27 +168,39 @@ def recover(store: Store, mountpoint: str, node: str) -> list[dict]:
     """Re-attach the loop devices left on dead connections; one result per device.
 
     Each result: device, instance, disk, action ("re-attached", "re-pointed",
-    "held", "failed"), new device, and what holds it or the error.
+    "held", "failed"), new_device, and why (what holds it, or the error).
     """
     try:
         mp = attach.check_mount(store, mountpoint)
     except StoreError as e:
         raise RecoverError(f"{e}; recovery re-attaches disks over a live mount") from None
-    live = mount_device(mp)[0]
-    dead: dict[str, set[str]] = {}
-    for c in recorded_connections(store, node):
-        if c["device"] != live:
-            dead.setdefault(c["device"], set()).add(c.get("mountpoint") or mp)
+    dead_mounts = {m for _, m, fstype, source in _mounts()
+                   if fstype == "fuse.vbdfs" and os.path.realpath(source) == store.root
+                   and is_dead(m)}
     results = []
     for device, back, read_only in attach.loop_list():
-        conn = backing_device(device)
-        if conn not in dead:
+        key = _relative(back, dead_mounts)
+        if key is None or _disk_size(store, *key) != _loop_size(device):
             continue
-        key = _relative(back, dead[conn])
-        if key is None or not reads_fail(device):
-            continue
-        results.append(_recover_one(store, mp, node, device, key, read_only))
+        if on_dead_fuse(device) and reads_fail(device):
+            results.append(_recover_one(store, mp, node, device, key, read_only))
     return results
+
+
+def _disk_size(store: Store, instance: str, disk: str) -> int | None:
+    try:
+        d = store.load(instance).disk(disk)
+    except Exception:                  # no such instance or disk, or a broken manifest
+        return None
+    return d.size if d.name == disk else None
+
+
+def _loop_size(device: str) -> int | None:
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/size") as f:
+            return int(f.read()) * 512
+    except (OSError, ValueError):
+        return None
 
 
 def _recover_one(store: Store, mp: str, node: str, device: str, key: tuple[str, str],
@@ -226,15 +210,16 @@ def _recover_one(store: Store, mp: str, node: str, device: str, key: tuple[str, 
     result = {"device": device, "instance": instance, "disk": disk, "new_device": None}
     if not os.path.exists(view):
         return dict(result, action="failed", why=f"{view} does not exist on the new mount")
+    note = ""
     if read_only:
         try:
             _change_fd(device, view)
             return dict(result, action="re-pointed", new_device=device)
         except OSError as e:
-            return dict(result, action="failed", why=f"LOOP_CHANGE_FD to {view}: {e.strerror}")
+            note = f" (re-pointing it failed: {e.strerror})"
     users = holders.loop_users(device)
     if users:
-        return dict(result, action="held", why="; ".join(users))
+        return dict(result, action="held", why="; ".join(users) + note)
     try:
         new = _reattach(device, view)
     except StoreError as e:
@@ -258,6 +243,9 @@ def _change_fd(device: str, view: str) -> None:
 def _reattach(device: str, view: str) -> str:
     """Detach device and attach view again, with the same settings; the new device."""
     args = [f"--direct-io={'on' if _loop_setting(device, 'dio') == '1' else 'off'}"]
+    with open(f"/sys/block/{os.path.basename(device)}/ro") as f:
+        if f.read().strip() == "1":
+            args.append("--read-only")
     if _loop_setting(device, "partscan") == "1":
         args.append("--partscan")
     for name in ("offset", "sizelimit"):
