@@ -123,9 +123,11 @@ def on_dead_fuse(device: str) -> bool:
         return e.errno == errno.ENOTCONN
     finally:
         os.close(fd)
-    dev = LOOP_INFO64.unpack(info)[0]    # attributes still cached: is it mounted?
-    return (os.major(dev) == 0 and
-            f"{os.major(dev)}:{os.minor(dev)}" not in {m[0] for m in _mounts()})
+    dev = LOOP_INFO64.unpack(info)[0]    # attributes still cached: is it mounted, alive?
+    if os.major(dev) != 0:
+        return False
+    mounted = [m for m in _mounts() if m[0] == f"0:{os.minor(dev)}"]
+    return not mounted or (mounted[-1][2] == "fuse.vbdfs" and is_dead(mounted[-1][1]))
 
 
 def reads_fail(device: str) -> bool:
