@@ -33,6 +33,16 @@ class Under:
         return isinstance(path, str) and path.startswith(self.prefix)
 
 
+class Either:
+    """A path in either of two containers."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __contains__(self, path) -> bool:
+        return path in self.a or path in self.b
+
+
 def split_view(mountpoint: str, path: str) -> tuple[str, str] | None:
     """(instance, disk) of a view path MOUNTPOINT/INSTANCE/DISK, else None."""
     rest = path[len(mountpoint.rstrip("/")) + 1:] if path in Under(mountpoint) else ""
@@ -48,16 +58,20 @@ def mount_holders(mountpoint: str, open_disks=()) -> dict[tuple[str, str], list[
     """
     mp = os.path.normpath(mountpoint)
     found: dict[tuple[str, str], list[str]] = {}
-    for device, back, read_only in attach.loop_list():
-        key = split_view(mp, back)
-        if key:
-            users = loop_users(device)
-            found.setdefault(key, []).append(
-                f"loop device {device}" + (" (read-only)" if read_only else "")
-                + (f", used by {', '.join(users)}" if users else ""))
-    for pid, comm, path, writing in inuse.open_by(Under(mp)):
+    loops = [(split_view(mp, back), device, read_only)
+             for device, back, read_only in attach.loop_list()]
+    loops = [(key, device, read_only) for key, device, read_only in loops if key]
+    # One pass over /proc for the views and the loop devices (it is the slow part).
+    dev_paths = {f"/dev/{n}" for _, device, _ in loops for n in _sysfs_names(device)}
+    opened = inuse.open_by(Either(Under(mp), dev_paths))
+    for key, device, read_only in loops:
+        users = loop_users(device, opened)
+        found.setdefault(key, []).append(
+            f"loop device {device}" + (" (read-only)" if read_only else "")
+            + (f", used by {', '.join(users)}" if users else ""))
+    for pid, comm, path, writing in opened:
         key = split_view(mp, path)
-        if key:
+        if key:                        # (a loop device's path gives None)
             found.setdefault(key, []).append(
                 f"process {pid} ({comm}), {'read-write' if writing else 'read-only'}")
     for key in open_disks:
@@ -84,8 +98,11 @@ def _sysfs_dir(loop: str, name: str) -> str:
     return f"/sys/block/{loop}" + ("" if name == loop else f"/{name}")
 
 
-def loop_users(device: str) -> list[str]:
-    """What uses a loop device or its partitions; [] if nothing does."""
+def loop_users(device: str, opened=None) -> list[str]:
+    """What uses a loop device or its partitions; [] if nothing does.
+
+    opened: inuse.open_by() over paths that include the device's, if already read.
+    """
     loop = os.path.basename(device)
     names = _sysfs_names(device)
     out, devnums = [], {}
@@ -97,24 +114,27 @@ def loop_users(device: str) -> list[str]:
                 devnums[f.read().strip()] = name
         except OSError:
             continue
-    for majmin, mp, fstype in _mounts_by_device():
+    for majmin, mp, fstype, _ in mount_table():
         if majmin in devnums:
             out.append(f"filesystem {fstype} on /dev/{devnums[majmin]} mounted at {mp}")
-    for pid, comm, path, writing in inuse.open_by({f"/dev/{n}" for n in names}):
-        out.append(f"process {pid} ({comm}) has {path} open")
+    paths = {f"/dev/{n}" for n in names}
+    for pid, comm, path, writing in inuse.open_by(paths) if opened is None else opened:
+        if path in paths:
+            out.append(f"process {pid} ({comm}) has {path} open")
     out += [f"Xen block backend {b}" for b in xen_backends(devnums)]
     return out
 
 
-def _mounts_by_device() -> list[tuple[str, str, str]]:
-    """(major:minor, mount point, fstype) of every mount."""
+def mount_table() -> list[tuple[str, str, str, str]]:
+    """(major:minor, mount point, fstype, source) of every mount, in mount order."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and rfields:
-                out.append((fields[2], attach._unescape(fields[4]), rfields[0]))
+            if len(fields) >= 5 and len(rfields) >= 2:
+                out.append((fields[2], attach._unescape(fields[4]), rfields[0],
+                            attach._unescape(rfields[1])))
     return out
 
 

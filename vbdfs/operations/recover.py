@@ -57,23 +57,10 @@ class RecoverError(StoreError):
 
 
 # --- the mount point -------------------------------------------------------
-def _mounts() -> list[tuple[str, str, str, str]]:
-    """(major:minor, mount point, fstype, source) of every mount, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                out.append((fields[2], attach._unescape(fields[4]), rfields[0],
-                            attach._unescape(rfields[1])))
-    return out
-
-
 def top_mount(mountpoint: str) -> tuple[str, str, str] | None:
     """(major:minor, fstype, source) of the top mount at mountpoint, or None."""
     mp = os.path.normpath(os.path.abspath(mountpoint))
-    tops = [(dev, fstype, source) for dev, m, fstype, source in _mounts() if m == mp]
+    tops = [(dev, fstype, source) for dev, m, fstype, source in holders.mount_table() if m == mp]
     return tops[-1] if tops else None
 
 
@@ -126,7 +113,7 @@ def on_dead_fuse(device: str) -> bool:
     dev = LOOP_INFO64.unpack(info)[0]    # attributes still cached: is it mounted, alive?
     if os.major(dev) != 0:
         return False
-    mounted = [m for m in _mounts() if m[0] == f"0:{os.minor(dev)}"]
+    mounted = [m for m in holders.mount_table() if m[0] == f"0:{os.minor(dev)}"]
     return not mounted or (mounted[-1][2] == "fuse.vbdfs" and is_dead(mounted[-1][1]))
 
 
@@ -176,7 +163,7 @@ def recover(store: Store, mountpoint: str, node: str) -> list[dict]:
         mp = attach.check_mount(store, mountpoint)
     except StoreError as e:
         raise RecoverError(f"{e}; recovery re-attaches disks over a live mount") from None
-    dead_mounts = {m for _, m, fstype, source in _mounts()
+    dead_mounts = {m for _, m, fstype, source in holders.mount_table()
                    if fstype == "fuse.vbdfs" and os.path.realpath(source) == store.root
                    and is_dead(m)}
     results = []
