@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from conftest import MiB, is_mounted, make_instance, vbdctl_runner, wait_for
+from vbdfs.operations import attach
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -165,7 +166,7 @@ def test_unit_exec_stop_detaches_unused_and_spares_used(store, mount):
         r = ctl(*unit_exec_stop_args(), check=1)
         assert f"detached web/sda {devs['sda']}; not stopping" in r.stderr
         assert f"web/sdb: loop device {devs['sdb']}, used by process {user.pid}" in r.stderr
-        assert devs["sda"] not in losetup("--list")
+        assert m.disk("web", "sda") not in [back for _, back, _ in attach.loop_list()]
         assert m.proc.poll() is None and read_direct(devs["sdb"])
         user.kill()
         user.wait()
