@@ -7,6 +7,7 @@ can and names what holds the rest. And nothing fsync'd is lost across
 SIGKILLs. Every test detaches its loop devices in a finally block.
 """
 
+import json
 import mmap
 import os
 import random
@@ -193,6 +194,7 @@ def test_recover_after_sigkill(store, tmp_path):
         assert (fs / "kept").read_bytes() == b"synced before the crash\n" * 100
         sh("umount", str(fs))
         assert ctl("recover", check=0).stdout.startswith("no loop device is left")
+        assert json.loads(ctl("recover", "--output", "json", check=0).stdout) == []
         # The attachment records still describe the devices: detach works.
         ctl("detach", "vm", check=0)
         assert not [d for d, back, _ in attach.loop_list() if back.startswith(m.path + "/")]
