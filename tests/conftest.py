@@ -52,7 +52,10 @@ class Mount:
         # prefix: a command that runs the daemon, e.g. nsenter into another namespace
         self.store = store
         self.path = path
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except FileExistsError:        # a dead mount a killed daemon left there
+            pass
         self.log = open(path + ".log", "w+")
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "vbdfs.daemon", store.root, path, "-f",

@@ -499,3 +499,7 @@ class VbdFs(pyfuse3.Operations):
             except (OSError, ImageError) as e:
                 log.error("closing %s failed: %s", self._key_of.get(fh), e)
         self._open.clear()
+
+    def open_disks(self) -> list[tuple[str, str]]:
+        """(instance, disk) of every disk with an open handle (the daemon's stop asks)."""
+        return [self._key_of[fh] for fh in self._open]
