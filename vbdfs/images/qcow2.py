@@ -5,9 +5,13 @@ What this engine does, and the choices it makes:
 * Mapping: guest cluster -> L1 entry -> L2 table -> host cluster. L2 tables
   are cached as native `array('Q')` in a bounded LRU; a dirty table is only
   written by `flush()` (or by a flush forced when it would be evicted).
-* Allocation appends at the end of the file (see qcow2_refcount): sequential
-  writes get contiguous host clusters, fresh clusters read as zeros without
-  being written, and freed clusters are punched out, never reused by us.
+* Allocation (see qcow2_refcount) reuses free clusters, lowest first, and
+  otherwise appends at the end of the file, so sequential writes to a fresh
+  image get contiguous host clusters. Every allocated cluster reads as zeros
+  without being written. Freed clusters are punched out, and reused only
+  after the flush that put their count 0 on disk (the argument is in
+  qcow2_refcount); a flush is forced when many freed clusters wait for one,
+  so a guest that never flushes cannot grow the file without bound.
 * Copy-on-write: a standard cluster without the COPIED flag (refcount > 1,
   e.g. shared with an internal snapshot), a compressed cluster, a zero
   cluster or an unallocated one gets a new cluster; the part of it the write
@@ -23,6 +27,18 @@ What this engine does, and the choices it makes:
   the size changed), then the decrements of clusters that are no longer
   referenced. So on disk a refcount is never below its references, and a
   crash at any point leaves at worst leaked clusters.
+* Metadata overlap (qcow2_meta): every guest write in place, punch, free,
+  allocation and metadata write first asks one map of where the metadata
+  lies. A data pointer into metadata (compressed or not, COPIED or not) is
+  caught before anything changes: the request fails (EIO through the
+  mount); what was written before it is flushed (the cached state is
+  consistent between changes); the image turns read-only with the reason;
+  and, like qemu, the corrupt bit is set in a version 3 header, so nothing
+  opens the image for writing before 'qemu-img check -r all'. That write is
+  safe: it rewrites only the header's own fields, the header was never
+  touched (its writes pass the check too), and a crash around it leaves the
+  bit set or not. Version 2 headers have no such bit: read-only in memory.
+  Metadata that overlaps other metadata is refused at a writable open.
 * Refused at open (ImageError naming the feature): encryption, external data
   file, non-zlib compression, extended L2 entries, unknown incompatible bits,
   and every header value outside qemu's limits.
@@ -54,7 +70,7 @@ from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
                       start_writeback)
-from .qcow2_refcount import Refcounts, load_be, runs, to_be
+from .qcow2_refcount import Refcounts, load_be, to_be
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -461,7 +477,7 @@ class Qcow2Image(Image):
     def _begin(self) -> None:
         """Before the first change: drop autoclear bits we do not maintain (e.g. bitmaps)."""
         if self.hdr.autoclear_features:
-            pwrite_full(self.fd, self.hdr.patch(autoclear_features=0), 0)
+            self._write_header(autoclear_features=0)
             os.fsync(self.fd)
         self._begun = True
 
