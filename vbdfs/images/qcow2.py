@@ -548,7 +548,7 @@ class Qcow2Image(Image):
             if e & (COPIED | COMPRESSED) == COPIED:        # ours alone: in place
                 host = self._host(e & ~ZERO_FLAG, g)
                 if e & ZERO_FLAG:   # preallocated zero cluster: rest must read zeros
-                    self.meta.check(host >> bits, 1, self._what("writing", g))
+                    self._check_guest(host >> bits, 1, "writing", g)
                     buf = bytearray(cs)
                     lo = pos & (cs - 1)
                     buf[lo:lo + run_end - pos] = mv[pos - base:run_end - base]
@@ -563,7 +563,7 @@ class Qcow2Image(Image):
                     run_end = min(end, run_end + cs)
                     j += 1
                     expect += cs
-                self.meta.check(host >> bits, j - i, self._what("writing", g))
+                self._check_guest(host >> bits, j - i, "writing", g)
                 pwrite_full(fd, mv[pos - base:run_end - base], host + (pos & (cs - 1)))
                 pos = run_end
                 continue
@@ -603,13 +603,16 @@ class Qcow2Image(Image):
             t.dirty = True
             pos = run_end
 
-    def _what(self, action: str, g: int) -> str:
-        return f"{action} guest offset {g << self.cluster_bits:#x}"
+    def _check_guest(self, first: int, n: int, action: str, g: int) -> None:
+        """The overlap check for a change of guest cluster g's host clusters (the
+        message is only built on a hit: this runs on every write)."""
+        if self.meta.hit(first, n) is not None:
+            self.meta.check(first, n, f"{action} guest offset {g << self.cluster_bits:#x}")
 
     def _check_free(self, e: int, g: int, action: str = "freeing the old cluster of") -> None:
         """Refuse to replace (or punch) entry e if its clusters are metadata."""
         first, n = self._span(e)
-        self.meta.check(first, n, self._what(action, g))
+        self._check_guest(first, n, action, g)
 
     def _content(self, e: int, g: int) -> bytes | None:
         """Current content of guest cluster g (entry e); None when it reads as zeros."""
