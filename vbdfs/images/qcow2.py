@@ -177,10 +177,13 @@ class Qcow2Image(Image):
                 self._add_meta(qm.INACTIVE_L1, off, -(-size * 8 // self.cs),
                                f"snapshot {i}'s L1 table", shared=qm.INACTIVE_L1)
         # Checked before use: a hostile L1 must not fill memory with bogus clusters.
+        # (Messages are built on a hit only: an L1 can have millions of entries.)
         for i, e in enumerate(self.l1):
             if e & OFFSET_MASK:
-                self._add_meta(qm.ACTIVE_L2, self._l2_offset(i, e), 1,
-                               f"the L2 table of L1 entry {i}")
+                off = self._l2_offset(i, e)
+                if off >> bits in m:
+                    self._add_meta(qm.ACTIVE_L2, off, 1, f"the L2 table of L1 entry {i}")
+                m.add(qm.ACTIVE_L2, off >> bits)
         l2s = qm.ACTIVE_L2 | qm.INACTIVE_L2     # a snapshot shares L2 tables
         for i, (off, size) in enumerate(snapshots if h.nb_snapshots else ()):
             for j, e in enumerate(load_be(self.fd, "Q", size * 8, off)):
@@ -189,8 +192,10 @@ class Qcow2Image(Image):
                             e & OFFSET_MASK) + self.cs > file_size:
                         raise ImageError(f"{self.path}: snapshot {i}: L1 entry {j} ({e:#x}) "
                                          f"is invalid or points outside the file")
-                    self._add_meta(qm.INACTIVE_L2, e & OFFSET_MASK, 1,
-                                   f"snapshot {i}'s L2 table {j}", shared=l2s)
+                    if m.hit((e & OFFSET_MASK) >> bits, 1, l2s):
+                        self._add_meta(qm.INACTIVE_L2, e & OFFSET_MASK, 1,
+                                       f"snapshot {i}'s L2 table {j}", shared=l2s)
+                    m.add(qm.INACTIVE_L2, (e & OFFSET_MASK) >> bits)
 
     def _add_meta(self, kind: int, offset: int, n: int, what: str, shared: int = 0) -> None:
         hit = self.meta.hit(offset >> self.cluster_bits, n, ignore=shared)

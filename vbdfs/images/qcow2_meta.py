@@ -73,6 +73,9 @@ class MetadataMap:
 
     def add(self, kind: int, first: int, n: int = 1) -> None:
         kinds = self._kinds
+        if n == 1:
+            kinds[first] = kinds.get(first, 0) | kind
+            return
         for c in range(first, first + n):
             kinds[c] = kinds.get(c, 0) | kind
 
