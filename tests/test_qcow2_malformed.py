@@ -272,6 +272,19 @@ def test_data_pointer_into_metadata_is_refused(good, tmp_path, name, entry, what
         assert again.read_only and "marked corrupt" in again.read_only_reason
 
 
+def test_free_cluster_that_is_metadata_is_not_reused(good, tmp_path):
+    """The L1 table counted 0 (in-use metadata that looks free): allocation, which
+    reuses free clusters now, must not hand it out for guest data."""
+    path = patched(good, tmp_path, "l1_free", (">H", 0x20000 + 2 * 3, 0))
+    before = path.read_bytes()
+    with Qcow2Image(str(path)) as img:
+        with pytest.raises(ImageError, match="would hit image metadata: the L1 table "
+                                             r"\(cluster 3\)"):
+            img.write(4 * MiB, b"new data")
+        assert img.read(0, 4) == b"\x5a" * 4
+    assert_only_marked_corrupt(path, before)
+
+
 def test_writes_before_the_hit_are_kept(good, tmp_path):
     """The refused request changes nothing; what the guest wrote before it (not yet
     flushed) still reaches the file, so the repaired image holds it."""

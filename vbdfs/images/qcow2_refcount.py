@@ -19,6 +19,10 @@ then reach disk before the L2 entry that points at it, like any allocation,
 and a crash at any point leaves at worst a leak, never two references to one
 cluster. A reused cluster is punched out (or zeroed) first unless it is
 already a hole, so every allocated cluster reads as zeros without a write.
+(This holds for images that were consistent when opened. In a corrupt one,
+where an L2 entry points at a cluster counted 0, reuse can make two guest
+clusters share storage, as in qemu: the guest's own data, never metadata,
+which the overlap check keeps out of every write.)
 
 When nothing below it is free, allocation appends at `next_free`. It starts
 past both the end of the file and the highest counted cluster (qemu can
