@@ -496,7 +496,8 @@ class Qcow2Image(Image):
             if is_zero(data):
                 self._zero(offset, n)
             else:
-                self._sync_if_many_frees()
+                if len(self._pending_free) >= self._free_min:
+                    self._sync_if_many_frees()
                 self._write(offset, memoryview(data).cast("B"))
         except qm.MetadataOverlap as e:
             raise self._corrupted(e) from None
