@@ -132,9 +132,6 @@ class Qcow2Image(Image):
         elif h.incompatible_features & qh.INCOMPAT_DIRTY:
             self.read_only_reason = ("the image is marked dirty (refcounts may be stale; "
                                      "repair with 'qemu-img check -r all')")
-        elif h.refcount_order != 4:
-            self.read_only_reason = (f"{1 << h.refcount_order}-bit refcounts are only "
-                                     f"supported read-only")
         super().__init__(path, h.size, read_only or self.read_only_reason is not None)
 
         self.l1 = load_be(self.fd, "Q", h.l1_size * 8, h.l1_table_offset)
@@ -157,7 +154,8 @@ class Qcow2Image(Image):
         if not self.read_only:
             self._map_metadata(h, st.st_size)
             self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
-                                h.refcount_table_clusters, st.st_size, self.meta)
+                                h.refcount_table_clusters, st.st_size, self.meta,
+                                h.refcount_order)
         if h.backing_file:
             self.backing = self._open_backing(h, store_root, backing_format, chain)
 
