@@ -404,6 +404,8 @@ class VbdFs(pyfuse3.Operations):
             self._log_once(key, f"unavailable: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         self._note_read_only(key, image.read_only_reason)
+        if getattr(image, "repaired", None):
+            log.warning("instance %s disk %s: %s", key[0], key[1], image.repaired)
         if image.size != disk.size:
             log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "
                         "serving the image's size", key[0], key[1], image.size, disk.size)

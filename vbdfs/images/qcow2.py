@@ -115,6 +115,8 @@ class Qcow2Image(Image):
             raise
 
     def _open(self, path, read_only, store_root, backing_format, chain) -> None:
+        self.repaired = None
+        unrepaired = None if read_only else self._repair_if_dirty(path)
         st = os.fstat(self.fd)
         head = os.pread(self.fd, 512, 0)
         bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
@@ -129,9 +131,8 @@ class Qcow2Image(Image):
         self.read_only_reason = None
         if h.incompatible_features & qh.INCOMPAT_CORRUPT:
             self.read_only_reason = "the image is marked corrupt"
-        elif h.incompatible_features & qh.INCOMPAT_DIRTY:
-            self.read_only_reason = ("the image is marked dirty (refcounts may be stale; "
-                                     "repair with 'qemu-img check -r all')")
+        elif unrepaired:
+            self.read_only_reason = unrepaired
         super().__init__(path, h.size, read_only or self.read_only_reason is not None)
 
         self.l1 = load_be(self.fd, "Q", h.l1_size * 8, h.l1_table_offset)
@@ -158,6 +159,28 @@ class Qcow2Image(Image):
                                 h.refcount_order)
         if h.backing_file:
             self.backing = self._open_backing(h, store_root, backing_format, chain)
+
+    def _repair_if_dirty(self, path: str) -> str | None:
+        """Rebuild the refcounts of an image left dirty by a crash under lazy
+        refcounts, before anything else reads them (crash-safe: qcow2_check).
+        `repaired` says what was done, for the caller to log; returns why the
+        image stays read-only if it could not be repaired."""
+        head = os.pread(self.fd, qh.V3_LEN, 0)
+        if len(head) < qh.V3_LEN or head[72 + 7] & qh.INCOMPAT_DIRTY == 0 or \
+                int.from_bytes(head[4:8], "big") != 3:
+            return
+        st = os.fstat(self.fd)
+        bits = head[23]
+        cs = 1 << bits if qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS else 512
+        h = qh.Header(path, pread_full(self.fd, min(cs, st.st_size), 0), st.st_size)
+        if h.incompatible_features & qh.INCOMPAT_DIRTY and not (
+                h.incompatible_features & qh.INCOMPAT_CORRUPT):
+            from .qcow2_check import rebuild
+            try:
+                self.repaired = "the image was marked dirty; " + rebuild(self.fd, h, path)
+            except ImageError as e:
+                return f"the image is marked dirty and was not repaired: {e}"
+        return None
 
     def _map_metadata(self, h: qh.Header, file_size: int) -> None:
         """Record where the metadata lies (the refcount structures are added by
