@@ -28,7 +28,7 @@ log = logging.getLogger("vbdctl")
 # command -> the module that registers it, in the order --help lists them.
 COMMANDS = {
     "list": "instances", "add": "instances", "info": "instances", "remove": "instances",
-    "grow": "instances", "rename": "instances",
+    "grow": "instances", "rename": "instances", "check": "check",
     "attach": "attach", "detach": "attach",
     "xen-config": "xen",
     "export": "transfer", "import": "transfer", "convert": "transfer", "mount": "transfer",
