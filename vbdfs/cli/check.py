@@ -32,10 +32,10 @@ def cmd_check(ctx, args):
         for r in results:
             for line in r["errors"]:
                 print(f"{r['disk']}: {line}")
-            print(f"{r['instance']} {r['disk']}: {r['verdict']}"
+            print(f"{r['instance']} {r['disk']}: {r.get('summary', r['verdict'])}"
                   + (f" ({r['note']})" if r.get("note") else ""))
             if r.get("repaired"):
                 print(f"{r['instance']} {r['disk']}: repaired: {r['repaired']}; now "
-                      f"{r['after']['verdict']}")
+                      f"{r['after']['summary']}")
     final = [r.get("after", r)["verdict"] for r in results]
     return 0 if all(v == "clean" for v in final) else 1

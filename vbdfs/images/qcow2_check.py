@@ -65,7 +65,7 @@ class CheckResult:
         return "clean"
 
     def as_dict(self) -> dict:
-        return {"verdict": self.verdict.split()[0], "leaks": self.leaks,
+        return {"verdict": self.verdict.split()[0], "summary": self.verdict, "leaks": self.leaks,
                 "corruptions": self.corruptions, "errors": list(self.errors)}
 
 
