@@ -72,6 +72,7 @@ from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
                       start_writeback)
 from .qcow2_refcount import Refcounts, load_be, to_be
+from .qcow2_subclusters import SubclusterMixin
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -99,7 +100,7 @@ class _L2:
         self.dirty = dirty
 
 
-class Qcow2Image(Image):
+class Qcow2Image(SubclusterMixin, Image):
     format = "qcow2"
 
     def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
@@ -126,7 +127,8 @@ class Qcow2Image(Image):
         self.version = h.version
         self.cluster_bits = bits = h.cluster_bits
         self.cs = cs = h.cluster_size
-        self.l2_bits = bits - 3
+        self.ext = bool(h.incompatible_features & qh.INCOMPAT_EXTL2)    # qcow2_subclusters
+        self.l2_bits = bits - (4 if self.ext else 3)
         self.l2_mask = (1 << self.l2_bits) - 1
         self.read_only_reason = None
         if h.incompatible_features & qh.INCOMPAT_CORRUPT:
@@ -372,6 +374,8 @@ class Qcow2Image(Image):
 
     def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or entry, length) of the longest uniform run at pos."""
+        if self.ext:
+            return self._x_map(pos, end)
         bits = self.cluster_bits
         g = pos >> bits
         l1i = g >> self.l2_bits
@@ -561,12 +565,16 @@ class Qcow2Image(Image):
         """Before a shared L2 table is copied for a write: refuse the write if it
         would hit metadata (_write_table checks too, but only after the copy)."""
         bits, ents = self.cluster_bits, self._l2(l1i).entries
+        stride = 2 if self.ext else 1
         for g in range(pos >> bits, ((end - 1) >> bits) + 1):
-            if ents[g & self.l2_mask] & (COMPRESSED | OFFSET_MASK):
-                self._check_free(ents[g & self.l2_mask], g, "writing")
+            e = ents[stride * (g & self.l2_mask)]
+            if e & (COMPRESSED | OFFSET_MASK):
+                self._check_free(e, g, "writing")
 
     def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int) -> None:
         """Write mv[pos-base:end-base], which lies within the guest range of table t."""
+        if self.ext:
+            return self._x_write_table(t, pos, end, mv, base)
         bits, cs = self.cluster_bits, self.cs
         ents = t.entries
         fd = self.fd
@@ -710,6 +718,8 @@ class Qcow2Image(Image):
 
     # --- zeroing ---------------------------------------------------------------------
     def _zero(self, offset: int, length: int) -> None:
+        if self.ext:
+            return self._x_zero(offset, length)
         self._dirty = True
         bits, cs = self.cluster_bits, self.cs
         pos, end = offset, offset + length

@@ -121,7 +121,10 @@ class _Walk:
     def l2(self, offset: int, active: bool) -> None:
         bits, cs, data = self.bits, self.cs, self.res.data_clusters
         x = 62 - (bits - 8)
-        for j, e in enumerate(load_be(self.fd, "Q", cs, offset)):
+        ents = load_be(self.fd, "Q", cs, offset)
+        if self.h.incompatible_features & qh.INCOMPAT_EXTL2:
+            ents = ents[::2]        # the bitmaps hold no references
+        for j, e in enumerate(ents):
             if e & COMPRESSED:
                 off = e & ((1 << x) - 1)
                 nsect = ((e >> x) & ((1 << (bits - 8)) - 1)) + 1
@@ -139,7 +142,8 @@ class _Walk:
                          f"L2 entry corrupted")
                 continue
             if self.inc(host, cs, data) and active:
-                self.res.copied_fixes.append(("l2", offset, j, e))
+                step = 16 if self.h.incompatible_features & qh.INCOMPAT_EXTL2 else 8
+                self.res.copied_fixes.append(("l2", offset, j * step // 8, e))
 
 
 def _walk(fd: int, h: qh.Header, file_size: int, with_refcount_structures: bool) -> _Walk:

@@ -32,6 +32,8 @@ MAX_BACKING_NAME = 1023
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+MIN_EXTL2_CLUSTER_BITS = 14     # qemu: subclusters need clusters of 16 KiB or more
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
                    3: "compression type (non-zlib)", 4: "extended L2 entries"}
 
@@ -155,7 +157,12 @@ class Header:
                       f"(size {self.file_size})")
 
     def _check_features(self, raw: bytes) -> None:
-        bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+        bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT
+                                              | INCOMPAT_EXTL2)
+        if self.incompatible_features & INCOMPAT_EXTL2 and \
+                self.cluster_bits < MIN_EXTL2_CLUSTER_BITS:
+            self.fail(f"extended L2 entries need clusters of at least "
+                      f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes (cluster_bits {self.cluster_bits})")
         compression_type = raw[104] if self.header_length > 104 else 0
         if compression_type and not bits & INCOMPAT_COMPRESSION:
             self.fail(f"compression_type {compression_type} set without its feature bit")
