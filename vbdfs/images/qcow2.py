@@ -108,6 +108,7 @@ class Qcow2Image(SubclusterMixin, Image):
         """Open an image. `backing_format` is used only when the image does not record
         its backing file's format itself; `store_root` confines it and its backing files."""
         self.fd = open_regular(path, os.O_RDONLY if read_only else os.O_RDWR, store_root)
+        self.dfd = self.fd          # where guest data lives: see _open_data_file
         self.backing = None
         try:
             self._open(path, read_only, store_root, backing_format, _chain)
@@ -154,6 +155,8 @@ class Qcow2Image(SubclusterMixin, Image):
         self._retired: list[tuple[int, int, int]] = []   # (kind, first, n): see _sync step 5
         self.meta = qm.MetadataMap()
         self.rc = None
+        if h.data_file:
+            self._open_data_file(h, store_root)
         if not self.read_only:
             self._map_metadata(h, st.st_size)
             self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
@@ -225,6 +228,52 @@ class Qcow2Image(SubclusterMixin, Image):
             raise ImageError(f"{self.path}: {what} at {offset:#x} overlaps "
                              f"{qm.describe(hit[1])} (image is corrupt)")
         self.meta.add(kind, offset >> self.cluster_bits, n)
+
+    def _open_data_file(self, h: qh.Header, store_root: str | None) -> None:
+        """Guest data in an external data file (`data_file`): opened by the rules of
+        backing files (relative to the image's directory, inside the store, no
+        symlink). Its clusters have no refcounts; a new one goes at its guest
+        offset, as qemu places them, which also keeps a `data_file_raw` file
+        equal to the disk."""
+        name = h.data_file
+        if h.nb_snapshots:
+            raise ImageError(f"{self.path}: internal snapshots with an external data file "
+                             f"are not supported (qemu refuses them too)")
+        target = self._confined_target(name, store_root, "external data file")
+        try:
+            self.dfd = open_regular(target, os.O_RDONLY if self.read_only else os.O_RDWR,
+                                    store_root)
+        except FileNotFoundError:
+            raise ImageError(f"{self.path}: external data file {name!r} ({target}) not "
+                             f"found") from None
+        except OSError as e:
+            raise ImageError(f"{self.path}: external data file {name!r}: {e}") from None
+        self.data_file = target
+        self._data_end = max(os.fstat(self.dfd).st_size, -(-self.size // self.cs) * self.cs)
+        self._host = self._data_host      # host offsets are data file offsets
+
+    def _data_host(self, e: int, g: int) -> int:
+        """_host() for an external data file: offsets within the virtual size
+        (0 is one: COPIED tells it from unallocated, as in qemu)."""
+        off = e & OFFSET_MASK
+        if e & L2_RESERVED or off & (self.cs - 1) or off >= self._data_end:
+            raise ImageError(f"{self.path}: L2 entry for guest offset {g << self.cluster_bits:#x} "
+                             f"({e:#x}) is invalid or points outside the data file")
+        return off
+
+    def _confined_target(self, name: str, store_root: str | None, what: str) -> str:
+        """The file `name` (from the image) names, relative to the image's directory;
+        with store_root, refused unless it resolves inside it (then opened as named,
+        so that open_regular refuses any symlink on the way)."""
+        me = os.path.realpath(self.path)
+        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
+        if store_root is not None:
+            root = os.path.realpath(store_root)
+            if os.path.commonpath([root, target]) != root:
+                raise ImageError(f"{self.path}: {what} {name!r} resolves to {target}, "
+                                 f"outside the store {root}")
+            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
+        return target
 
     def _open_backing(self, h, store_root, backing_format, chain) -> Image:
         me = os.path.realpath(self.path)
@@ -361,6 +410,10 @@ class Qcow2Image(SubclusterMixin, Image):
         if not e:
             return _UNALLOC, 0
         if e & COMPRESSED:
+            if self.dfd != self.fd:
+                raise ImageError(f"{self.path}: compressed cluster in an image with an "
+                                 f"external data file (guest offset "
+                                 f"{g << self.cluster_bits:#x})")
             return _COMPRESSED, e
         if e & ZERO_FLAG:
             if self.version < 3:
@@ -370,7 +423,9 @@ class Qcow2Image(SubclusterMixin, Image):
                 self._host(e & ~ZERO_FLAG, g)
             return _ZERO, 0
         off = self._host(e, g)
-        return (_DATA, off) if off else (_UNALLOC, 0)
+        if off or (e & COPIED and self.dfd != self.fd):   # a data file's offset 0 is COPIED
+            return _DATA, off
+        return _UNALLOC, 0
 
     def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or entry, length) of the longest uniform run at pos."""
@@ -452,15 +507,15 @@ class Qcow2Image(SubclusterMixin, Image):
         end = offset + length
         kind, host, n = self._map(offset, end)
         if n == length and kind == _DATA:           # the common case: one pread
-            data = os.pread(self.fd, n, host)
+            data = os.pread(self.dfd, n, host)
             if len(data) != n:          # rare: carry on from where the read stopped
-                data += pread_full(self.fd, n - len(data), host + len(data))
+                data += pread_full(self.dfd, n - len(data), host + len(data))
             return data
         parts = []
         pos = offset
         while True:
             if kind == _DATA:
-                parts.append(pread_full(self.fd, n, host))
+                parts.append(pread_full(self.dfd, n, host))
             elif kind == _ZERO:
                 parts.append(bytes(n))
             elif kind == _UNALLOC:
@@ -497,7 +552,8 @@ class Qcow2Image(SubclusterMixin, Image):
         return out
 
     def allocated(self) -> int:
-        return allocated_bytes(self.fd)
+        extra = allocated_bytes(self.dfd) if self.dfd != self.fd else 0
+        return allocated_bytes(self.fd) + extra
 
     # --- writing -------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -509,8 +565,9 @@ class Qcow2Image(SubclusterMixin, Image):
 
     def _begin(self) -> None:
         """Before the first change: drop autoclear bits we do not maintain (e.g. bitmaps)."""
-        if self.hdr.autoclear_features:
-            self._write_header(autoclear_features=0)
+        keep = qh.AUTOCLEAR_DATA_FILE_RAW if self.dfd != self.fd else 0   # kept true
+        if self.hdr.autoclear_features & ~keep:
+            self._write_header(autoclear_features=self.hdr.autoclear_features & keep)
             os.fsync(self.fd)
         self._begun = True
 
@@ -577,7 +634,8 @@ class Qcow2Image(SubclusterMixin, Image):
             return self._x_write_table(t, pos, end, mv, base)
         bits, cs = self.cluster_bits, self.cs
         ents = t.entries
-        fd = self.fd
+        fd = self.dfd
+        external = fd != self.fd
         while pos < end:
             g = pos >> bits
             i = g & self.l2_mask
@@ -615,7 +673,7 @@ class Qcow2Image(SubclusterMixin, Image):
             for x in range(i, j):
                 if ents[x] & (COMPRESSED | OFFSET_MASK):
                     self._check_free(ents[x], g + x - i)
-            h0, k = self._alloc_some(j - i)
+            h0, k = (g << bits, j - i) if external else self._alloc_some(j - i)
             if k < j - i:       # a smaller free run: write that much now
                 j = i + k
                 run_end = min(end, (g + k) << bits)
@@ -624,12 +682,16 @@ class Qcow2Image(SubclusterMixin, Image):
             lo = pos & (cs - 1)
             if lo:
                 old = self._content(ents[i], g)
+                if old is None and external:    # its place in the data file: not fresh
+                    old = self._zeros
                 if old is not None:
                     fills.append((old[:lo], h0))
             hi = run_end & (cs - 1)
             if hi:
                 if not (lo and k == 1):     # same cluster as the head: reuse its content
                     old = self._content(ents[j - 1], g + k - 1)
+                    if old is None and external:
+                        old = self._zeros
                 if old is not None:
                     fills.append((old[hi:], h0 + ((k - 1) << bits) + hi))
             pwrite_full(fd, mv[pos - base:run_end - base], h0 + lo)
@@ -644,7 +706,7 @@ class Qcow2Image(SubclusterMixin, Image):
     def _check_guest(self, first: int, n: int, action: str, g: int) -> None:
         """The overlap check for a change of guest cluster g's host clusters (the
         message is only built on a hit: this runs on every write)."""
-        if self.meta.hit(first, n) is not None:
+        if self.meta.hit(first, n) is not None and self.dfd == self.fd:
             self.meta.check(first, n, f"{action} guest offset {g << self.cluster_bits:#x}")
 
     def _check_free(self, e: int, g: int, action: str = "freeing the old cluster of") -> None:
@@ -660,7 +722,7 @@ class Qcow2Image(SubclusterMixin, Image):
         if kind == _COMPRESSED:
             return self._decompress(host, g)
         if kind == _DATA:
-            return pread_full(self.fd, self.cs, host)
+            return pread_full(self.dfd, self.cs, host)
         data = self._backing_read(g << self.cluster_bits, self.cs)
         return None if self.backing is None or is_zero(data) else data
 
@@ -690,6 +752,8 @@ class Qcow2Image(SubclusterMixin, Image):
     def _release(self, e: int) -> None:
         """Queue the host clusters of a replaced entry (checked with _check_free)
         for decref at the next flush."""
+        if self.dfd != self.fd:
+            return          # data file clusters have no refcounts
         first, n = self._span(e)
         if n == 1:
             self._pending_free.append(first)
@@ -749,6 +813,8 @@ class Qcow2Image(SubclusterMixin, Image):
         """Make whole guest clusters [g0, g1) of one L2 table read as zeros."""
         mask = self.l2_mask
         no_backing = self.backing is None
+        if self.dfd != self.fd:
+            return self._zero_data_file_clusters(l1i, g0, g1)
         if self.version >= 3:
             want = lambda e: ZERO_FLAG                           # noqa: E731
         elif no_backing:
@@ -779,11 +845,30 @@ class Qcow2Image(SubclusterMixin, Image):
                 ents[i] = want(e)
             elif e & (COPIED | COMPRESSED | ZERO_FLAG) == COPIED:
                 host = self._host(e, g)
-                if not punch_hole(self.fd, host, self.cs):
-                    pwrite_full(self.fd, self._zeros, host)
+                if not punch_hole(self.dfd, host, self.cs):
+                    pwrite_full(self.dfd, self._zeros, host)
             else:
                 self._release(e)
                 ents[i] = self._alloc_some(1)[0] | COPIED
+        t.dirty = True
+
+    def _zero_data_file_clusters(self, l1i: int, g0: int, g1: int) -> None:
+        """With an external data file: punch the clusters there and map them (a
+        raw data file stays equal to the disk)."""
+        t = self._l2(l1i)
+        mask, cs, bits = self.l2_mask, self.cs, self.cluster_bits
+        if t is None and self.backing is None:
+            return
+        if t is not None and self.backing is None and all(
+                t.entries[g & mask] in (0, ZERO_FLAG) for g in range(g0, g1)):
+            return
+        t = self._l2_for_write(l1i)
+        for g in range(g0, g1):
+            e = t.entries[g & mask]
+            host = self._host(e & ~ZERO_FLAG, g) if e & (OFFSET_MASK | COPIED) else g << bits
+            if not punch_hole(self.dfd, host, cs):
+                pwrite_full(self.dfd, self._zeros, host)
+            t.entries[g & mask] = host | COPIED
         t.dirty = True
 
     # --- durability --------------------------------------------------------------------
@@ -795,6 +880,8 @@ class Qcow2Image(SubclusterMixin, Image):
         # Guest data only: cached metadata waits for flush() and its ordering.
         if not self.read_only and self.fd >= 0:
             start_writeback(self.fd)
+            if self.dfd != self.fd:
+                start_writeback(self.dfd)
 
     def _sync(self) -> None:
         """Write cached metadata in crash-safe order (see the module docstring)."""
@@ -813,6 +900,8 @@ class Qcow2Image(SubclusterMixin, Image):
         # 1. guest data and refcount increments (including new metadata clusters)
         rc.extend_file()
         rc.write_blocks()
+        if self.dfd != fd:
+            os.fsync(self.dfd)
         os.fsync(fd)
         # 2. the refcount table that points at any new refcount block
         if rc.table_dirty:
@@ -954,6 +1043,8 @@ class Qcow2Image(SubclusterMixin, Image):
             self._zero(old_size, top - old_size)
         self._hdr_fields["size"] = new_size
         self.size = new_size
+        if self.dfd != self.fd:
+            self._data_end = max(self._data_end, -(-new_size // self.cs) * self.cs)
         self._sync()
 
     def close(self) -> None:
@@ -968,6 +1059,9 @@ class Qcow2Image(SubclusterMixin, Image):
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+        if self.dfd >= 0 and self.dfd != self.fd:
+            os.close(self.dfd)
+        self.dfd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -141,6 +141,10 @@ class _Walk:
                 self.err(f"ERROR offset={host:#x}: Cluster is not properly aligned; "
                          f"L2 entry corrupted")
                 continue
+            if self.h.data_file:        # data file clusters have no refcounts
+                if active:
+                    self.res.copied_fixes.append(("data", offset, j, e))
+                continue
             if self.inc(host, cs, data) and active:
                 step = 16 if self.h.incompatible_features & qh.INCOMPAT_EXTL2 else 8
                 self.res.copied_fixes.append(("l2", offset, j * step // 8, e))
@@ -217,7 +221,7 @@ def check(fd: int, h: qh.Header) -> CheckResult:
                                       f"reference={want}")
     for kind, off, i, e in res.copied_fixes:
         c = (e & OFFSET_MASK) >> w.bits
-        have = counts[c] if c < len(counts) else 0
+        have = 1 if kind == "data" else counts[c] if c < len(counts) else 0
         if (have == 1) != bool(e & COPIED):
             res.corruptions += 1
             what = "L2 cluster: l1_index" if kind == "l1" else "data cluster: l2_entry"
@@ -284,6 +288,8 @@ def rebuild(fd: int, h: qh.Header, path: str) -> str:
     # 3. COPIED flags of the active tables
     fixed_copied = 0
     for kind, off, i, e in w.res.copied_fixes:
+        if kind == "data":
+            continue
         want = refs[(e & OFFSET_MASK) >> bits] == 1
         if want != bool(e & COPIED):
             pwrite_full(fd, to_be(array("Q", [e ^ COPIED])), off + 8 * i)

@@ -32,7 +32,9 @@ MAX_BACKING_NAME = 1023
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_EXTL2 = 1 << 4
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 MIN_EXTL2_CLUSTER_BITS = 14     # qemu: subclusters need clusters of 16 KiB or more
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
                    3: "compression type (non-zlib)", 4: "extended L2 entries"}
@@ -41,6 +43,7 @@ _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
+EXT_DATA_FILE = 0x44415441
 
 # Fixed fields a rewrite may change: name -> (struct format, byte offset).
 _FIELDS = {
@@ -158,7 +161,7 @@ class Header:
 
     def _check_features(self, raw: bytes) -> None:
         bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT
-                                              | INCOMPAT_EXTL2)
+                                              | INCOMPAT_EXTL2 | INCOMPAT_DATA_FILE)
         if self.incompatible_features & INCOMPAT_EXTL2 and \
                 self.cluster_bits < MIN_EXTL2_CLUSTER_BITS:
             self.fail(f"extended L2 entries need clusters of at least "
@@ -217,6 +220,22 @@ class Header:
             return name.decode()
         except UnicodeDecodeError:
             self.fail("backing file name is not valid UTF-8")
+
+    @property
+    def data_file(self) -> str | None:
+        """The external data file's name (relative to the image's directory), or None."""
+        if not self.incompatible_features & INCOMPAT_DATA_FILE:
+            return None
+        for etype, data in self.extensions:
+            if etype == EXT_DATA_FILE:
+                name = data.rstrip(b"\0")
+                if not name or b"\0" in name or len(name) > MAX_BACKING_NAME:
+                    self.fail("invalid external data file name")
+                try:
+                    return name.decode()
+                except UnicodeDecodeError:
+                    self.fail("external data file name is not valid UTF-8")
+        self.fail("the image uses an external data file but does not record its name")
 
     @property
     def backing_format(self) -> str | None:

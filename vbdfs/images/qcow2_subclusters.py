@@ -48,13 +48,15 @@ class SubclusterMixin:
                 self._x_bad(e, g, "a compressed cluster with a subcluster bitmap")
             return e, b, 0
         off = e & OFFSET_MASK
-        if e & EXT_RESERVED or off & (self.cs - 1) or off >= self._file_end or (
-                not off and e & COPIED):
+        external = self.dfd != self.fd      # a data file's offset 0 is COPIED
+        limit = self._data_end if external else self._file_end
+        if e & EXT_RESERVED or off & (self.cs - 1) or off >= limit or (
+                not off and e & COPIED and not external):
             self._x_bad(e, g, "invalid or points outside the file")
         if b & (b >> 32) & ALL:
             self._x_bad(e, g, f"subcluster bitmap {b:#x} marks subclusters both "
                               f"allocated and zero")
-        if not off and b & ALL:
+        if not off and not (external and e & COPIED) and b & ALL:
             self._x_bad(e, g, f"subcluster bitmap {b:#x} allocates subclusters of an "
                               f"unallocated cluster")
         return e, b, off
@@ -118,21 +120,22 @@ class SubclusterMixin:
             if e & (COPIED | COMPRESSED) == COPIED:         # ours: in place
                 self._check_guest(off >> bits, 1, "writing", g)
                 self._x_complete(g, off, b, lo, hi, s0, s1)
-                pwrite_full(self.fd, data, off + lo)
+                pwrite_full(self.dfd, data, off + lo)
                 nb = (b | touched) & ~(touched << 32)
             else:
                 if e & (COMPRESSED | OFFSET_MASK):
                     self._check_free(e, g)
-                host = self._alloc_some(1)[0]
+                external = self.dfd != self.fd
+                host = cbase if external else self._alloc_some(1)[0]
                 if e:           # shared or compressed: copy the whole cluster
                     n = min(cs, self.size - cbase)
                     buf = bytearray(self.read(cbase, n))
                     buf[lo:hi] = data
-                    pwrite_full(self.fd, buf, host)
+                    pwrite_full(self.dfd, buf, host)
                     nb = ALL
                 else:           # unallocated: only the touched subclusters
-                    self._x_complete(g, host, b, lo, hi, s0, s1, fresh=True)
-                    pwrite_full(self.fd, data, host + lo)
+                    self._x_complete(g, host, b, lo, hi, s0, s1, fresh=not external)
+                    pwrite_full(self.dfd, data, host + lo)
                     nb = (b | touched) & ~(touched << 32)
                 self._release(e)
                 ents[2 * i] = host | COPIED
@@ -153,15 +156,21 @@ class SubclusterMixin:
                 continue
             if b >> (32 + s) & 1 or self.backing is None:
                 if not fresh:
-                    pwrite_full(self.fd, bytes(z - a), host + a)
+                    pwrite_full(self.dfd, bytes(z - a), host + a)
                 continue
             buf = self._backing_read(cbase + a, z - a)
             if not fresh or any(buf):
-                pwrite_full(self.fd, buf, host + a)
+                pwrite_full(self.dfd, buf, host + a)
 
     # --- zeroing ---------------------------------------------------------------
     def _x_zero(self, offset: int, length: int) -> None:
         self._dirty = True
+        if self.dfd != self.fd:     # zeros written, so a raw data file stays equal to the disk
+            step = 1 << 20
+            for pos in range(offset, offset + length, step):
+                n = min(step, offset + length - pos)
+                self._write(pos, memoryview(self._zero_bytes(n)))
+            return
         bits, cs = self.cluster_bits, self.cs
         sbits = bits - 5
         scs = 1 << sbits
@@ -185,6 +194,9 @@ class SubclusterMixin:
             self._sync_if_many_frees()
             self._x_zero_subclusters(g, a >> sbits, (z >> sbits) - 1)
             pos = cend
+
+    def _zero_bytes(self, n: int) -> bytes:
+        return self._zeros[:n] if n <= self.cs else bytes(n)
 
     def _x_zero_subclusters(self, g: int, s0: int, s1: int) -> None:
         """Make subclusters s0..s1 of cluster g read as zeros."""
