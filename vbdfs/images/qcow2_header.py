@@ -295,6 +295,24 @@ def snapshot_l1_tables(hdr: Header, read) -> tuple[int, list[tuple[int, int]]]:
     return (end - hdr.snapshots_offset if tables else 0), tables
 
 
+def data_file_of(path: str, root: str) -> str | None:
+    """The external data file name the qcow2 image at path records, or None (also
+    for anything that is not a readable qcow2 image: the caller probes later)."""
+    import os
+    from .confined import open_regular
+    try:
+        fd = open_regular(path, os.O_RDONLY, root)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, 1 << 16, 0)
+        return Header(path, head, os.fstat(fd).st_size).data_file
+    except (ImageError, OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def l1_entries_for(size: int, cluster_bits: int) -> int:
     """L1 entries needed to map `size` virtual bytes."""
     per_l1 = 1 << (cluster_bits * 2 - 3)   # bytes mapped by one L2 table

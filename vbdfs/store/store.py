@@ -318,7 +318,8 @@ class Store:
         """Make an instance of disk files already in its directory (`reuse`).
 
         The files must be named sda, sdb, ... by index, be regular files with
-        one link, and be the only entries there. With disks=None every sdX
+        one link, and be the only entries there (but for the external data file
+        a qcow2 disk names next to it). With disks=None every sdX
         found is adopted. A disk's format, if not given, is probed here, once,
         and recorded; it is never probed again (a guest can write any header
         into a raw disk). On error nothing changes: adopted files stay as they were.
@@ -401,6 +402,10 @@ class Store:
         if extra:
             problems.append(f"not among the {len(disks)} disks to reuse: "
                             + ", ".join(os.path.join(data_dir, n) for n in extra))
+        if misnamed:    # a qcow2 disk's external data file, next to it, is its own
+            data_files = {qcow2_header.data_file_of(os.path.join(data_dir, found[i]), data_dir)
+                          for i in found}
+            misnamed = [e for e in misnamed if e not in data_files]
         if misnamed:
             problems.append("misnamed (disks must be named sda, sdb, ... by index): "
                             + ", ".join(os.path.join(data_dir, n) for n in misnamed))
