@@ -39,15 +39,19 @@ What this engine does, and the choices it makes:
   touched (its writes pass the check too), and a crash around it leaves the
   bit set or not. Version 2 headers have no such bit: read-only in memory.
   Metadata that overlaps other metadata is refused at a writable open.
-* Refused at open (ImageError naming the feature): encryption, external data
-  file, non-zlib compression, extended L2 entries, unknown incompatible bits,
-  and every header value outside qemu's limits.
-* Opened read-only instead of writable (writes raise ReadOnlyImage saying
-  why): the corrupt bit; the dirty bit (refcounts may be stale and are not
-  rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
-  bits.
+* Refused at open (ImageError naming the feature): encryption, non-zlib
+  compression, unknown incompatible bits, internal snapshots together with
+  an external data file, and every header value outside qemu's limits.
+* Every refcount width (1 to 64 bits: qcow2_refcount), extended L2 entries
+  (qcow2_subclusters) and external data files (`data_file`, opened like a
+  backing file, below; data at its guest offset without refcounts) are
+  read and written.
+* The dirty bit is repaired on a writable open (qcow2_check.rebuild,
+  crash-safe; `repaired` says what was done); an image it cannot repair, and
+  one with the corrupt bit, opens read-only (writes raise ReadOnlyImage
+  saying why).
 * Unknown autoclear bits (e.g. bitmaps, which are not maintained here) are
-  cleared before the first write; unknown header fields and extensions are
+  cleared before the first write (data_file_raw is kept: it stays true); unknown header fields and extensions are
   kept because header rewrites only patch fixed fields.
 * Backing files: the name is resolved relative to the image's directory and,
   with `store_root`, must be a regular file inside it, reached through no
