@@ -51,8 +51,9 @@ What this engine does, and the choices it makes:
   one with the corrupt bit, opens read-only (writes raise ReadOnlyImage
   saying why).
 * Unknown autoclear bits (e.g. bitmaps, which are not maintained here) are
-  cleared before the first write (data_file_raw is kept: it stays true); unknown header fields and extensions are
-  kept because header rewrites only patch fixed fields.
+  cleared before the first write (data_file_raw is kept: it stays true);
+  unknown header fields and extensions are kept because header rewrites
+  only patch fixed fields.
 * Backing files: the name is resolved relative to the image's directory and,
   with `store_root`, must be a regular file inside it, reached through no
   symlink (the image itself too: confined.open_regular). The format comes from the
@@ -276,6 +277,8 @@ class Qcow2Image(SubclusterMixin, Image):
             if os.path.commonpath([root, target]) != root:
                 raise ImageError(f"{self.path}: {what} {name!r} resolves to {target}, "
                                  f"outside the store {root}")
+            # Opened as named, below the root: open_regular refuses any symlink
+            # on the way, including one swapped in after the check above.
             target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
         return target
 
@@ -290,15 +293,7 @@ class Qcow2Image(SubclusterMixin, Image):
         if fmt not in ("raw", "qcow2"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
-        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
-        if store_root is not None:
-            root = os.path.realpath(store_root)
-            if os.path.commonpath([root, target]) != root:
-                raise ImageError(f"{self.path}: backing file {name!r} resolves to {target}, "
-                                 f"outside the store {root}")
-            # Opened as named, below the root: open_regular refuses any symlink
-            # on the way, including one swapped in after the check above.
-            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
+        target = self._confined_target(name, store_root, "backing file")
         chain = chain | {me}
         if os.path.realpath(target) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {target}")
