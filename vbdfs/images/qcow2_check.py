@@ -282,8 +282,12 @@ def rebuild(fd: int, h: qh.Header, path: str) -> str:
     pwrite_full(fd, to_be(table), table_at << bits)
     os.fsync(fd)
     # 2. switch
+    # Autoclear features (bitmaps) whose clusters were not counted are dropped
+    # with it, as the engine drops them before its first write anyway.
     pwrite_full(fd, h.patch(refcount_table_offset=table_at << bits,
-                            refcount_table_clusters=nt), 0)
+                            refcount_table_clusters=nt,
+                            autoclear_features=h.autoclear_features
+                            & qh.AUTOCLEAR_DATA_FILE_RAW), 0)
     os.fsync(fd)
     # 3. COPIED flags of the active tables
     fixed_copied = 0
