@@ -17,8 +17,11 @@ unchanged. Writing:
 * into an unallocated cluster: a fresh cluster (it reads as zeros), of which
   only the subclusters the write touches are completed and marked
   allocated; the others keep their zero bit or keep falling through;
-* into a shared or compressed cluster: a fresh cluster with all of the old
-  content (copy-on-write of the whole cluster), every subcluster allocated.
+* into a cluster shared with a snapshot: a fresh cluster, into which only
+  the allocated subclusters the write does not cover are copied; the bitmap
+  is kept but for the subclusters written;
+* into a compressed cluster: a fresh cluster with all of its content, every
+  subcluster allocated.
 Zeroing sets zero bits (whole clusters drop their host cluster); parts of
 subclusters are written as zeros.
 """
@@ -26,7 +29,7 @@ subclusters are written as zeros.
 from __future__ import annotations
 
 from .base import ImageError
-from .fileops import pwrite_full
+from .fileops import pread_full, pwrite_full
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -127,7 +130,16 @@ class SubclusterMixin:
                     self._check_free(e, g)
                 external = self.dfd != self.fd
                 host = cbase if external else self._alloc_some(1)[0]
-                if e:           # shared or compressed: copy the whole cluster
+                if e and not e & COMPRESSED:    # shared: copy the allocated subclusters
+                    for s in range(32):             # the write does not cover
+                        a = s << sbits
+                        if b >> s & 1 and not (lo <= a and a + (1 << sbits) <= hi):
+                            pwrite_full(self.dfd, pread_full(self.dfd, 1 << sbits, off + a),
+                                        host + a)
+                    self._x_complete(g, host, b, lo, hi, s0, s1, fresh=not external)
+                    pwrite_full(self.dfd, data, host + lo)
+                    nb = (b | touched) & ~(touched << 32)
+                elif e:         # compressed: the whole cluster, decompressed
                     n = min(cs, self.size - cbase)
                     buf = bytearray(self.read(cbase, n))
                     buf[lo:hi] = data
