@@ -41,6 +41,7 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 ZERO_FLAG = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
+MAX_CHECK_CLUSTERS = 1 << 28        # 1 GiB of counters: a 16 TiB file at 64 KiB clusters
 
 
 class CheckResult:
@@ -77,7 +78,11 @@ class _Walk:
         self.bits = hdr.cluster_bits
         self.cs = 1 << self.bits
         self.res = CheckResult()
-        self.refs = array("I", bytes(4 * -(-file_size // self.cs)))
+        n = -(-file_size // self.cs)
+        if n > MAX_CHECK_CLUSTERS:
+            raise ImageError(f"{hdr.path}: too many clusters to check here ({n}); use "
+                             f"'qemu-img check'")
+        self.refs = array("I", bytes(4 * n))
 
     def err(self, msg: str, table: bool = True) -> None:
         self.res.corruptions += 1
@@ -319,9 +324,6 @@ def rebuild(fd: int, h: qh.Header, path: str) -> str:
                                                         if parts else " (no errors found)")
 
 
-MAX_CHECK_CLUSTERS = 1 << 28        # 1 GiB of counters: a 16 TiB file at 64 KiB clusters
-
-
 def check_file(path: str, repair: bool = False, store_root: str | None = None) -> dict:
     """check() (and with `repair`, rebuild()) of the image file at path; the
     result as a dict: verdict, leaks, corruptions, errors, repaired, after."""
@@ -349,8 +351,4 @@ def _header(fd: int, path: str) -> qh.Header:
     head = os.pread(fd, 512, 0)
     bits = head[23] if len(head) >= 24 else 0
     cs = 1 << bits if qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS else 512
-    h = qh.Header(path, pread_full(fd, min(cs, size), 0), size)
-    if -(-size // cs) > MAX_CHECK_CLUSTERS:
-        raise ImageError(f"{path}: too many clusters to check here ({size // cs}); "
-                         f"use 'qemu-img check'")
-    return h
+    return qh.Header(path, pread_full(fd, min(cs, size), 0), size)
