@@ -68,7 +68,7 @@ class SubclusterMixin:
         raise ImageError(f"{self.path}: L2 entry for guest offset "
                          f"{g << self.cluster_bits:#x} ({e:#x}): {why}")
 
-    def _x_kind(self, b: int, off: int, s: int) -> int:
+    def _x_kind(self, b: int, s: int) -> int:
         if b >> s & 1:
             return _DATA
         return _ZERO if b >> (32 + s) & 1 else _UNALLOC
@@ -98,9 +98,9 @@ class SubclusterMixin:
                 nxt = min(tab_end, nxt + cs)
             return _UNALLOC, 0, nxt - pos
         s = (pos & (cs - 1)) >> sbits
-        kind = self._x_kind(b, off, s)
+        kind = self._x_kind(b, s)
         nxt = min(cend, (g << bits) + ((s + 1) << sbits))
-        while nxt < cend and self._x_kind(b, off, (nxt & (cs - 1)) >> sbits) == kind:
+        while nxt < cend and self._x_kind(b, (nxt & (cs - 1)) >> sbits) == kind:
             nxt = min(cend, nxt + (1 << sbits))
         host = off + (pos & (cs - 1)) if kind == _DATA else 0
         return kind, host, nxt - pos

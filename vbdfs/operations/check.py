@@ -34,8 +34,8 @@ def check_instance(store: Store, name: str, disk: str | None = None, repair: boo
             what = f"instance {name} disk {d.name}"
             r = {"instance": name, "disk": d.name, "format": d.format}
             if d.format != "qcow2":
-                r.update(verdict="clean", summary="clean", leaks=0, corruptions=0, errors=[], repaired=None,
-                         note=f"{d.format} images have no metadata to check")
+                r.update(verdict="clean", summary="clean", leaks=0, corruptions=0, errors=[],
+                         repaired=None, note=f"{d.format} images have no metadata to check")
                 out.append(r)
                 continue
             root = store.disk_root(d.path)
