@@ -146,6 +146,16 @@ def too_high(path):
     set_refcount(path, data // cs + 1, 2)
 
 
+def copied_missing(path):
+    """A data cluster counted once whose L2 entry lacks the COPIED flag."""
+    base_image(path)
+    d = path.read_bytes()
+    l2 = _u64(d, _u64(d, 40)) & 0x00FFFFFFFFFFFE00
+    with open(path, "r+b") as f:
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", _u64(d, l2 + 8) & ~(1 << 63)))
+
+
 def with_snapshot(path):
     base_image(path)
     qemu_img("snapshot", "-c", "s1", path)
@@ -182,6 +192,7 @@ def dirty(path):
 
 
 CASES = {"clean": base_image, "leaked": leaked, "too_low": too_low, "too_high": too_high,
+         "copied_missing": copied_missing,
          "snapshot": with_snapshot, "snapshot_leak": snapshot_leak, "dirty": dirty}
 
 
