@@ -104,7 +104,9 @@ class Header:
                 self.fail(f"header_length {self.header_length} exceeds the first cluster")
         self._check_features(raw)
         if self.crypt_method != 0:
-            self.fail(f"encrypted images are not supported (crypt_method {self.crypt_method})")
+            how = {1: "AES", 2: "LUKS"}.get(self.crypt_method, "unknown")
+            self.fail(f"{how}-encrypted images are not supported (crypt_method "
+                      f"{self.crypt_method})")
         if self.refcount_order > 6:
             self.fail(f"refcount_order {self.refcount_order} is invalid (max 6)")
         if self.size > (1 << 63) - 1:
