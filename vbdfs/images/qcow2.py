@@ -24,8 +24,10 @@ What this engine does, and the choices it makes:
   referenced. So on disk a refcount is never below its references, and a
   crash at any point leaves at worst leaked clusters.
 * Refused at open (ImageError naming the feature): encryption, external data
-  file, non-zlib compression, extended L2 entries, unknown incompatible bits,
-  and every header value outside qemu's limits.
+  file, extended L2 entries, unknown incompatible bits or compression types,
+  zstd compression without the zstandard module, and every header value
+  outside qemu's limits. Compressed clusters (zlib or zstd: qcow2_compress)
+  are read, and rewritten plain when written to.
 * Opened read-only instead of writable (writes raise ReadOnlyImage saying
   why): the corrupt bit; the dirty bit (refcounts may be stale and are not
   rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
@@ -45,11 +47,10 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
-import zlib
 from array import array
 from collections import OrderedDict
 
-from . import qcow2_header as qh
+from . import qcow2_compress, qcow2_header as qh
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
@@ -344,8 +345,9 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: compressed cluster for guest offset "
                              f"{g << self.cluster_bits:#x} points outside the file")
         try:
-            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, nbytes, off), self.cs)
-        except zlib.error as err:
+            out = qcow2_compress.decompress(self.hdr.compression_type,
+                                            pread_full(self.fd, nbytes, off), self.cs)
+        except ValueError as err:
             raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
                              f"{g << self.cluster_bits:#x}: {err}") from None
         if len(out) != self.cs:
