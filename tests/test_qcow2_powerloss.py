@@ -18,7 +18,8 @@ and random subsets with random tears. Every distinct state must
   one the disk had), and
 * for the snapshot workload, still hold the snapshot's contents.
 
-Workloads: random unaligned writes, zero writes (v3 zero flags, v2 unmaps),
+Workloads: random unaligned writes (also with tiny caches, so dirty L2 tables
+and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2 unmaps),
 grows (the L1 table moves), copy-on-write of clusters and L2 tables shared with
 an internal snapshot (made by qemu-img snapshot -c), and refcount growth
 (512-byte clusters: a new refcount block every 128 KiB, and the refcount
@@ -98,11 +99,13 @@ class Trace:
         self.initial: bytes | None = None      # the guest's contents before, if not zeros
 
 
-def run_workload(path, steps, monkeypatch) -> Trace:
+def run_workload(path, steps, monkeypatch, small_caches=False) -> Trace:
     """Apply steps ("w", off, data) | ("z", off, n) | ("r", size) | ("f",) through Qcow2Image."""
     base = path.read_bytes()
     rec = Recorder(monkeypatch)
     img = Qcow2Image(str(path))
+    if small_caches:    # dirty L2 tables and refcount blocks evicted (written) all the time
+        img._cache_max, img.rc.cache_max = 4, 2
     rec.fd = img.fd
     trace = Trace(base, img.size)
     size = img.size
@@ -377,6 +380,8 @@ WORKLOADS = {
     # name: (compat, cluster size, virtual size, steps(rng))
     "random-v3-4k": ("1.1", 4096, 2 * MiB, lambda r: random_writes(r, 2 * MiB, 50, 20000)),
     "random-v2-512": ("0.10", 512, 2 * MiB, lambda r: random_writes(r, 2 * MiB, 40, 6000)),
+    "random-512-small-caches": ("1.1", 512, 2 * MiB,
+                                lambda r: random_writes(r, 2 * MiB, 30, 6000, flush_share=0.1)),
     "zero-v3": ("1.1", 4096, 2 * MiB, lambda r: zero_heavy(r, 2 * MiB, 20)),
     "zero-v2": ("0.10", 4096, 2 * MiB, lambda r: zero_heavy(r, 2 * MiB, 20)),
     "grow-512": ("1.1", 512, MiB, grows),
@@ -390,7 +395,8 @@ def test_power_loss_states(tmp_path, monkeypatch, name):
     compat, cs, size, make = WORKLOADS[name]
     path = tmp_path / "img.qcow2"
     Qcow2Image.create(str(path), size, cluster_size=cs, compat=compat).close()
-    trace = run_workload(path, make(random.Random(name)), monkeypatch)
+    trace = run_workload(path, make(random.Random(name)), monkeypatch,
+                         small_caches=name.endswith("small-caches"))
     checker = Checker(tmp_path)
     only = around_header_rewrite(trace) if name.startswith("refcount-table") else None
     enumerate_states(trace, checker, name, only)
