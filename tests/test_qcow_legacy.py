@@ -318,3 +318,19 @@ def test_adopted_qcow_disk_served_read_only_exported_and_converted(store, mount,
     with open(m.disk("old", "sda"), "r+b") as f:      # now writable
         f.write(b"guest data")
     assert ctl("convert", "old", "sda", "--to", "qcow").returncode == 2
+
+
+def test_qcow2_overlay_on_a_qcow_base(tmp_path):
+    """An image farm's usual upgrade: new qcow2 overlays on the old v1 bases."""
+    base = make_compressed(tmp_path)
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow", top)
+    qemu_io(top, "write -P 0x42 3145000 9000", fmt="qcow2")
+    expect = render_raw(top, tmp_path)
+    from vbdfs.images.qcow2 import Qcow2Image
+    with Qcow2Image(str(top), store_root=str(tmp_path)) as img:
+        assert_reads_as(img, expect)
+        img.write(100, b"written through the overlay")
+        expect = expect[:100] + b"written through the overlay" + expect[127:]
+    assert qemu_img("check", top, check=False).returncode == 0
+    assert render_raw(top, tmp_path) == expect

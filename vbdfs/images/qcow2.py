@@ -153,7 +153,7 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
                              f"recorded in the image (no backing-format extension) and "
                              f"was not given; refusing to guess it")
-        if fmt not in ("raw", "qcow2"):
+        if fmt not in ("raw", "qcow2", "qcow"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
         target = os.path.realpath(os.path.join(os.path.dirname(me), name))
@@ -174,6 +174,9 @@ class Qcow2Image(Image):
             if fmt == "raw":
                 from .raw import RawImage
                 return RawImage(target, read_only=True, store_root=store_root)
+            if fmt == "qcow":       # a legacy base: its own backing file is read as raw
+                from .qcow import QcowImage
+                return QcowImage(target, store_root=store_root, _chain=chain)
             return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
         except FileNotFoundError:
             raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
