@@ -20,7 +20,8 @@ and random subsets with random tears. Every distinct state must
 
 Workloads: random unaligned writes (also with tiny caches, so dirty L2 tables
 and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2 unmaps),
-grows (the L1 table moves), copy-on-write of clusters and L2 tables shared with
+v2 zeroing over a backing file (in-place punches), grows (the L1 table
+moves), copy-on-write of clusters and L2 tables shared with
 an internal snapshot (made by qemu-img snapshot -c), and refcount growth
 (512-byte clusters: a new refcount block every 128 KiB, and the refcount
 table moves). The number of states checked is printed (pytest -s) and asserted.
@@ -427,7 +428,24 @@ def test_power_loss_states_snapshot_cow(tmp_path, monkeypatch):
 
 
 def report(name, trace, checker):
-    writes = sum(1 for op in trace.ops if op[0] == "w")
-    fsyncs = sum(1 for op in trace.ops if op[0] == "f")
+    count = {k: sum(1 for op in trace.ops if op[0] == k) for k in "wtpf"}
     print(f"\npower loss {name}: {checker.checked} distinct states checked "
-          f"({writes} writes, {fsyncs} fsyncs, {len(trace.guest)} guest ops)")
+          f"({count['w']} writes, {count['t']} truncates, {count['p']} punches, "
+          f"{count['f']} fsyncs; {len(trace.guest)} guest ops)")
+
+
+def test_power_loss_states_v2_zeroing_over_a_backing_file(tmp_path, monkeypatch):
+    """Version 2 has no zero flag: over a backing file, zeroing maps fresh clusters
+    or punches the image's own ones in place."""
+    base = tmp_path / "base.raw"
+    content = random.Random("base").randbytes(2 * MiB)
+    base.write_bytes(content)
+    path = tmp_path / "img.qcow2"
+    Qcow2Image.create(str(path), 2 * MiB, cluster_size=4096, compat="0.10",
+                      backing_file="base.raw", backing_format="raw").close()
+    trace = run_workload(path, zero_heavy(random.Random("v2b"), 2 * MiB, 20), monkeypatch)
+    trace.initial = content
+    checker = Checker(tmp_path)         # the states sit beside base.raw: it stays their backing
+    enumerate_states(trace, checker, "v2b")
+    report("zero-v2-backing", trace, checker)
+    assert checker.checked >= 50
