@@ -11,11 +11,9 @@ from .base import Extent, Image, ImageError, Kind, OutOfRange, ReadOnlyImage
 
 FORMATS = ("raw", "qcow2", "qcow")     # every format a disk may have ("qcow": version 1)
 NEW_FORMATS = ("raw", "qcow2")          # the formats vbdfs creates (new disks, copies)
-READ_ONLY_FORMATS = ("qcow",)           # served read-only (so attached and handed to Xen
-                                        # read-only: the guest sees a read-only disk)
 
 __all__ = ["Extent", "Image", "ImageError", "Kind", "OutOfRange", "ReadOnlyImage",
-           "FORMATS", "NEW_FORMATS", "READ_ONLY_FORMATS", "copy_format", "open_image", "create_image"]
+           "FORMATS", "NEW_FORMATS", "copy_format", "open_image", "create_image"]
 
 
 def copy_format(fmt: str) -> str:

@@ -30,7 +30,6 @@ import os
 import shutil
 import time
 
-from ..images import READ_ONLY_FORMATS
 from ..store import Manifest, Store, StoreError
 from ..store.store import write_atomic
 from .tools import run_tool
@@ -265,7 +264,7 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                     raise AttachError(f"instance {instance} disk {d.name}: {view} does not "
                                       "exist (is the daemon serving this instance?)")
                 rec = _attach_one(instance, d.name, d.driver if driver is None else driver,
-                                  view, read_only or d.format in READ_ONLY_FORMATS, direct_io)
+                                  view, read_only, direct_io)
                 rec["node"] = node
                 made.append(rec)
                 records[d.name] = rec

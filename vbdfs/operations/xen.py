@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import os
 
-from ..images import READ_ONLY_FORMATS
 from ..store.manifest import Manifest
 from ..store.names import InvalidName, check_instance_name, disk_name
 from .attach import view_path
@@ -93,7 +92,6 @@ def _line(manifest, disk, mountpoint, style, prefix, read_only) -> str:
         disk.driver == "qdisk" or (disk.driver == "blktap" and style == "legacy"))
     target, fmt = (disk.path, "qcow2") if direct else (view, "raw")
     _check_target(manifest, disk, target)
-    read_only = read_only or disk.format in READ_ONLY_FORMATS
 
     if style == "legacy" and disk.driver != "qdisk":
         bad = [c for c in _LEGACY_UNSAFE if c in target]
