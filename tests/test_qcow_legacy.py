@@ -293,10 +293,17 @@ def test_adopted_qcow_disk_served_read_only_exported_and_converted(store, mount,
     for name, want in zip(("sda", "sdb"), expect):
         with open(m.disk("old", name), "rb") as f:
             assert f.read() == want
-    with open(m.disk("old", "sda"), "r+b", buffering=0) as f:
-        with pytest.raises(OSError) as e:
+    with pytest.raises(OSError) as e:       # refused at open or at the first write
+        with open(m.disk("old", "sda"), "r+b", buffering=0) as f:
             f.write(b"guest data")
-        assert e.value.errno == errno.EROFS
+    assert e.value.errno == errno.EROFS
+    mctl = vbdctl_runner(store, m.path)
+    _, dev = mctl("attach", "old", "sda", "--read-only", check=0).stdout.split()
+    try:
+        with open(dev, "rb") as f:
+            assert f.read(MiB) == expect[0][:MiB]
+    finally:
+        mctl("detach", "old", "sda", check=0)
     with open(m.disk("old", "sda"), "rb") as f:
         assert f.read(4096) == expect[0][:4096]
 
