@@ -50,7 +50,8 @@ import os
 from array import array
 from collections import OrderedDict
 
-from . import qcow2_compress, qcow2_header as qh
+from . import qcow2_compress
+from . import qcow2_header as qh
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
