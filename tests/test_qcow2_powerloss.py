@@ -19,12 +19,12 @@ and random subsets with random tears. Every distinct state must
 * for the snapshot workload, still hold the snapshot's contents.
 
 Workloads: random unaligned writes (also with tiny caches, so dirty L2 tables
-and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2 unmaps),
-v2 zeroing over a backing file (in-place punches), grows (the L1 table
-moves), copy-on-write of clusters and L2 tables shared with
-an internal snapshot (made by qemu-img snapshot -c), and refcount growth
-(512-byte clusters: a new refcount block every 128 KiB, and the refcount
-table moves). The number of states checked is printed (pytest -s) and asserted.
+and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2
+unmaps), v2 zeroing over a backing file (in-place punches), clusters freed and
+then allocated again, grows (the L1 table moves), copy-on-write of clusters
+and L2 tables shared with an internal snapshot (made by qemu-img snapshot -c),
+and refcount growth (512-byte clusters: a new refcount block every 128 KiB,
+and the refcount table moves). The number of states checked is printed (pytest -s) and asserted.
 """
 
 from __future__ import annotations
@@ -341,6 +341,20 @@ def zero_heavy(rng, size, count):
     return steps
 
 
+def free_then_allocate(rng, size, rounds):
+    """Clusters freed (zeroed, then flushed), then new data elsewhere: an engine that
+    reuses freed clusters puts it there."""
+    steps = []
+    for _ in range(rounds):
+        a = rng.randrange(0, size // 2 - 64 * KiB) // 4096 * 4096
+        b = rng.randrange(size // 2, size - 64 * KiB) + rng.randrange(4096)
+        steps += [("w", a, rng.randbytes(64 * KiB)), ("f",), ("z", a, 64 * KiB), ("f",),
+                  ("w", b, rng.randbytes(40000)), ("w", a + 8192, rng.randbytes(5000))]
+        if rng.random() < 0.5:
+            steps.append(("f",))
+    return steps
+
+
 def grows(rng):
     steps = random_writes(rng, MiB, 12, 20000)
     steps += [("r", 3 * MiB), ("w", 3 * MiB - 5000, rng.randbytes(5000)), ("f",)]
@@ -385,6 +399,8 @@ WORKLOADS = {
                                 lambda r: random_writes(r, 2 * MiB, 30, 6000, flush_share=0.1)),
     "zero-v3": ("1.1", 4096, 2 * MiB, lambda r: zero_heavy(r, 2 * MiB, 20)),
     "zero-v2": ("0.10", 4096, 2 * MiB, lambda r: zero_heavy(r, 2 * MiB, 20)),
+    "free-then-allocate-v3": ("1.1", 4096, 4 * MiB,
+                              lambda r: free_then_allocate(r, 4 * MiB, 8)),
     "grow-512": ("1.1", 512, MiB, grows),
     "refcount-growth-512": ("1.1", 512, 4 * MiB, refcount_growth),
     "refcount-table-growth-512": ("1.1", 512, 10 * MiB, refcount_table_growth),
