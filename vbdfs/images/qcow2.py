@@ -40,8 +40,10 @@ What this engine does, and the choices it makes:
   bit set or not. Version 2 headers have no such bit: read-only in memory.
   Metadata that overlaps other metadata is refused at a writable open.
 * Refused at open (ImageError naming the feature): encryption, external data
-  file, non-zlib compression, extended L2 entries, unknown incompatible bits,
-  and every header value outside qemu's limits.
+  file, extended L2 entries, unknown incompatible bits or compression types,
+  zstd compression without the zstandard module, and every header value
+  outside qemu's limits. Compressed clusters (zlib or zstd: qcow2_compress)
+  are read, and rewritten plain when written to.
 * Opened read-only instead of writable (writes raise ReadOnlyImage saying
   why): the corrupt bit; the dirty bit (refcounts may be stale and are not
   rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
@@ -61,10 +63,10 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
-import zlib
 from array import array
 from collections import OrderedDict
 
+from . import qcow2_compress
 from . import qcow2_header as qh
 from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
@@ -211,7 +213,7 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
                              f"recorded in the image (no backing-format extension) and "
                              f"was not given; refusing to guess it")
-        if fmt not in ("raw", "qcow2"):
+        if fmt not in ("raw", "qcow2", "qcow"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
         target = os.path.realpath(os.path.join(os.path.dirname(me), name))
@@ -232,6 +234,9 @@ class Qcow2Image(Image):
             if fmt == "raw":
                 from .raw import RawImage
                 return RawImage(target, read_only=True, store_root=store_root)
+            if fmt == "qcow":       # a legacy base: its own backing file is read as raw
+                from .qcow import QcowImage
+                return QcowImage(target, store_root=store_root, _chain=chain)
             return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
         except FileNotFoundError:
             raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
@@ -403,8 +408,9 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: compressed cluster for guest offset "
                              f"{g << self.cluster_bits:#x} points outside the file")
         try:
-            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, nbytes, off), self.cs)
-        except zlib.error as err:
+            out = qcow2_compress.decompress(self.hdr.compression_type,
+                                            pread_full(self.fd, nbytes, off), self.cs)
+        except ValueError as err:
             raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
                              f"{g << self.cluster_bits:#x}: {err}") from None
         if len(out) != self.cs:
