@@ -42,6 +42,9 @@ class Extent(collections.namedtuple("Extent", "offset length kind")):
         return self.offset + self.length
 
 
+SEEK_WINDOW = 1 << 30
+
+
 class Image:
     """Base class: subclasses implement the I/O; this holds the shared checks."""
 
@@ -74,6 +77,25 @@ class Image:
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Runs of data / zero / hole covering [offset, offset+length), merged."""
         raise NotImplementedError
+
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek(2)'s SEEK_DATA (data=True) or SEEK_HOLE on the virtual disk.
+
+        The first offset at or after `offset` that may hold data, or that
+        reads as zeros (holes and zero extents; the end of the disk counts).
+        None if `offset` is outside the disk or no data follows it (ENXIO).
+        """
+        if offset < 0 or offset >= self.size:
+            return None
+        pos = offset
+        while pos < self.size:
+            # A window at a time: a lookup near a hole maps no more than it must.
+            n = min(SEEK_WINDOW, self.size - pos)
+            for e in self.extents(pos, n):
+                if (e.kind is Kind.DATA) == data:
+                    return e.offset
+            pos += n
+        return None if data else self.size
 
     def allocated(self) -> int:
         """Bytes the image file really occupies on its filesystem."""
