@@ -1,4 +1,5 @@
-"""Sparse over a disk's life: discard through a loop device, SEEK_DATA/SEEK_HOLE through the mount."""
+"""Sparse over a disk's life: discard through a loop device, SEEK_DATA/SEEK_HOLE
+through the mount."""
 
 import errno
 import hashlib
@@ -237,8 +238,8 @@ def test_seek_data_hole_agree_with_extents(store, mounted, layout, seed):
         sh("qemu-img", "create", "-q", "-f", base_fmt, base, str(size))
         for _ in range(6):
             off = rng.randrange(0, size // 4096) * 4096
-            sh("qemu-io", "-f", base_fmt, "-c", f"write -P 0x5a {off} {rng.randrange(1, 300) * 4096}"
-               if off + 300 * 4096 <= size else f"write -P 0x5a {off} 4096", base)
+            n = min(rng.randrange(1, 300) * 4096, size - off)
+            sh("qemu-io", "-f", base_fmt, "-c", f"write -P 0x5a {off} {n}", base)
         os.unlink(image_of(store, "web"))
         sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"../base.{base_fmt}", "-F", base_fmt,
            image_of(store, "web"))
