@@ -42,7 +42,8 @@ class Extent(collections.namedtuple("Extent", "offset length kind")):
         return self.offset + self.length
 
 
-SEEK_WINDOW = 1 << 30
+SEEK_WINDOW_MIN = 256 << 10
+SEEK_WINDOW_MAX = 1 << 30
 
 
 class Image:
@@ -87,14 +88,16 @@ class Image:
         """
         if offset < 0 or offset >= self.size:
             return None
-        pos = offset
+        pos, window = offset, SEEK_WINDOW_MIN
         while pos < self.size:
-            # A window at a time: a lookup near a hole maps no more than it must.
-            n = min(SEEK_WINDOW, self.size - pos)
+            # Growing windows: the cost follows the distance to the answer, so
+            # walking a fragmented disk with SEEK_DATA/SEEK_HOLE stays linear.
+            n = min(window, self.size - pos)
             for e in self.extents(pos, n):
                 if (e.kind is Kind.DATA) == data:
                     return e.offset
             pos += n
+            window = min(window * 2, SEEK_WINDOW_MAX)
         return None if data else self.size
 
     def allocated(self) -> int:
