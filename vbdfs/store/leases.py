@@ -11,6 +11,13 @@ end with it), and NFS, CephFS and GlusterFS propagate them between hosts.
 Next to the locks, a record STORE/.vbdfs/leases/INSTANCE/DISK.json says who
 holds the lease (node, pid, since) for vbdctl's messages. The locks are the
 truth; a record whose locks are gone is stale.
+
+A lease is exclusive (the one writer) or shared: a shared lease holds the
+write permission but shares it, as qemu does with share-rw=on, so two
+shared holders coexist and exclude every exclusive one. Ganeti's live
+migration needs that: both nodes have the disk open for writing while the
+hypervisor moves the guest (see README "Ganeti"). set_shared() switches a
+lease's mode on its own descriptor, so a downgrade never lets go in between.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import os
 import time
 
 from ..images.fileops import write_atomic
-from .locks import ofd_lock, ofd_test
+from .locks import LockBusy, ofd_lock, ofd_test, ofd_unlock
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ SHARED_BASE = 200
 CONSISTENT_READ, WRITE, WRITE_UNCHANGED, RESIZE = 0, 1, 2, 3
 WRITER_PERMS = (CONSISTENT_READ, WRITE, WRITE_UNCHANGED)   # what a writer holds
 WRITER_UNSHARED = (WRITE, RESIZE)                           # what it lets nobody else do
+SHARED_UNSHARED = (RESIZE,)                                 # a shared writer shares WRITE
 
 
 class LeaseBusy(Exception):
@@ -38,9 +46,28 @@ class LeaseBusy(Exception):
 
 
 class Lease:
-    def __init__(self, fd: int, record_path: str | None):
+    def __init__(self, fd: int, record_path: str | None, shared: bool = False):
         self.fd = fd
         self.record_path = record_path
+        self.shared = shared
+
+    def set_shared(self, shared: bool, image_path: str = "") -> None:
+        """Downgrade to shared (always works) or upgrade to exclusive (LeaseBusy
+        if another holder, shared or not, is there; the lease stays shared)."""
+        if shared == self.shared:
+            return
+        if shared:
+            ofd_unlock(self.fd, SHARED_BASE + WRITE, 1)
+            self.shared = True
+            return
+        try:
+            ofd_lock(self.fd, exclusive=False, start=SHARED_BASE + WRITE, length=1)
+        except LockBusy:
+            raise LeaseBusy(f"{image_path} is open for writing elsewhere") from None
+        if _conflicts(self.fd, unshared=WRITER_UNSHARED):
+            ofd_unlock(self.fd, SHARED_BASE + WRITE, 1)
+            raise LeaseBusy(f"{image_path} is open for writing elsewhere (shared)")
+        self.shared = False
 
     def release(self) -> None:
         if self.fd < 0:
@@ -54,13 +81,13 @@ class Lease:
         self.fd = -1
 
 
-def _conflicts(fd: int) -> list[str]:
+def _conflicts(fd: int, unshared=WRITER_UNSHARED) -> list[str]:
     """What others hold that a writer cannot live with (our own locks are ignored)."""
     found = []
     for i in WRITER_PERMS:
         if not ofd_test(fd, exclusive=True, start=SHARED_BASE + i, length=1):
             found.append(f"another process does not share permission {i}")
-    for i in WRITER_UNSHARED:
+    for i in unshared:
         if not ofd_test(fd, exclusive=True, start=PERM_BASE + i, length=1):
             found.append(f"another process holds permission {i}")
     return found
@@ -71,20 +98,22 @@ def record_path(state_dir: str, instance: str, disk: str) -> str:
 
 
 def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
-            disk: str = "", node: str = "", by: str = "vbdfs") -> Lease:
+            disk: str = "", node: str = "", by: str = "vbdfs", shared: bool = False) -> Lease:
     """Take a write lease on image_path, or raise LeaseBusy naming the holder.
 
     node and by (the program: the daemon, or `vbdctl grow`) go in the record.
+    shared: share the write permission with other shared holders (not resizing).
     """
+    unshared = SHARED_UNSHARED if shared else WRITER_UNSHARED
     fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         # Lock first, then look for conflicts: of two racing writers at least
         # one sees the other (qemu does the same).
         for i in WRITER_PERMS:
             ofd_lock(fd, exclusive=False, start=PERM_BASE + i, length=1)
-        for i in WRITER_UNSHARED:
+        for i in unshared:
             ofd_lock(fd, exclusive=False, start=SHARED_BASE + i, length=1)
-        if _conflicts(fd):
+        if _conflicts(fd, unshared):
             rec = read_record(state_dir, instance, disk) if state_dir else None
             raise LeaseBusy(f"{image_path} is being written by {describe(rec)}")
     except BaseException:
@@ -98,13 +127,13 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             write_atomic(path, json.dumps({"node": node, "by": by, "pid": os.getpid(),
-                                           "since": int(time.time()),
+                                           "since": int(time.time()), "shared": shared,
                                            "image": image_path}).encode())
         except OSError as e:
             log.warning("lease on %s taken, but its record %s could not be written: %s",
                         image_path, path, e.strerror)
             path = None
-    return Lease(fd, path)
+    return Lease(fd, path, shared)
 
 
 

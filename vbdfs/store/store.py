@@ -242,8 +242,11 @@ class Store:
 
     # --- lifecycle -----------------------------------------------------
     def create(self, name: str, disks: list[DiskSpec], directory: str | None = None,
-               os_name: str = "", primary: str = "", secondary: str = "") -> Manifest:
-        """Create an instance with new sparse disks. On any error nothing is left behind."""
+               os_name: str = "", primary: str = "", secondary: str = "",
+               ganeti: str | None = None) -> Manifest:
+        """Create an instance with new sparse disks. On any error nothing is left behind.
+
+        ganeti: "" for a Ganeti ExtStorage volume (see Manifest)."""
         self._check_root()
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
@@ -264,7 +267,7 @@ class Store:
                     os.mkdir(data_dir, 0o700)
                     made.append(data_dir)
                 m = Manifest(name=name, disks=[], os=os_name, primary=primary,
-                             secondary=secondary)
+                             secondary=secondary, ganeti=ganeti)
                 for i, spec in enumerate(disks):
                     path = os.path.join(data_dir, disk_name(i))
                     fmt = spec.format or "raw"
