@@ -489,7 +489,9 @@ class VbdFs(pyfuse3.Operations):
                 img.flush()
         finally:
             lease.release()
-        if od is not None and not isinstance(od.image, ColdImage):
+        if od is not None and isinstance(od.image, ColdImage):
+            od.image.size = size              # it learns sizes only when it opens
+        elif od is not None:
             old, od.image = od.image, self._open_image(key, False)   # a cached reader
             old.close()
 

@@ -37,7 +37,15 @@ def instance_summary(store, name: str) -> dict:
             pass
     return {"name": name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": len(m.disks), "size": sum(d.size for d in m.disks), "allocated": allocated,
-            "formats": sorted({d.format for d in m.disks})}
+            "formats": sorted({d.format for d in m.disks}), "ganeti": m.ganeti}
+
+
+def ganeti_owner(metadata: str | None) -> str:
+    """The Ganeti column: '-' for vbdctl's instances, 'unclaimed' for a volume
+    no Ganeti instance took (setinfo never ran: an orphan if Ganeti gave up)."""
+    if metadata is None:
+        return "-"
+    return metadata or "unclaimed"
 
 
 def cmd_list(ctx, args):
@@ -49,12 +57,13 @@ def cmd_list(ctx, args):
         rows = []
         for it in items:
             if "error" in it:
-                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"]])
+                rows.append([it["name"], "-", "-", "-", "-", "-", "ERROR: " + it["error"]])
             else:
                 rows.append([it["name"], it["disks"], human_size(it["size"]),
                              human_size(it["allocated"]), ",".join(it["formats"]),
-                             it["primary"] or "-"])
-        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary"])
+                             it["primary"] or "-", ganeti_owner(it["ganeti"])])
+        print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary",
+                           "Ganeti"])
     return 1 if any("error" in it for it in items) else 0
 
 
@@ -234,7 +243,7 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
                       "attachment": records.get(d.name)})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
-            "disks": disks}
+            "ganeti": m.ganeti, "disks": disks}
 
 
 def cmd_info(ctx, args):
@@ -243,7 +252,9 @@ def cmd_info(ctx, args):
         emit_json(info)
         return
     print(f"Instance {info['name']}  OS {info['os'] or '-'}  primary {info['primary'] or '-'}"
-          f"  secondary {info['secondary'] or '-'}")
+          f"  secondary {info['secondary'] or '-'}"
+          + (f"  Ganeti volume of {ganeti_owner(info['ganeti'])}"
+             if info["ganeti"] is not None else ""))
     rows = []
     for d in info["disks"]:
         a = d["attachment"]

@@ -32,6 +32,7 @@ import time
 
 from ..store import Manifest, Store, StoreError
 from ..store.store import write_atomic
+from .loops import loop_devices, loop_dio, loop_list, view_path  # noqa: F401 (re-exported)
 from .tools import run_tool
 
 LOOP_DRIVERS = ("loop",)
@@ -97,49 +98,9 @@ def check_mount(store: Store, mountpoint: str) -> str:
     return mp
 
 
-def view_path(mountpoint: str, instance: str, disk: str) -> str:
-    return os.path.join(os.path.normpath(os.path.abspath(mountpoint)), instance, disk)
-
-
 # --- the kernel's view --------------------------------------------------------
 def _run(args: list[str], what: str) -> str:
     return run_tool(args, what, AttachError)
-
-
-def loop_list(sysfs: str = "/sys/block") -> list[tuple[str, str, bool]]:
-    """Every loop device in use: (device, backing file, read-only).
-
-    Read from sysfs, where losetup reads it too (a bound loop device has
-    loop/backing_file): running `losetup --list` cost every in-use check a
-    fork and an exec.
-    """
-    out = []
-    for name in os.listdir(sysfs):
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"{sysfs}/{name}/loop/backing_file", encoding="utf-8",
-                      errors="surrogateescape") as f:
-                back = f.read().removesuffix("\n")
-            with open(f"{sysfs}/{name}/ro") as f:
-                read_only = f.read().strip() == "1"
-        except FileNotFoundError:      # not bound, or detached meanwhile
-            continue
-        out.append((f"/dev/{name}", back.removesuffix(" (deleted)"), read_only))
-    return sorted(out)
-
-
-def loop_devices() -> dict[str, str]:
-    """Every loop device in use: {device: backing file}."""
-    return {device: back for device, back, _ in loop_list()}
-
-
-def loop_dio(device: str) -> bool | None:
-    try:
-        with open(f"/sys/block/{os.path.basename(device)}/loop/dio") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return None
 
 
 def tap_ctl() -> str | None:

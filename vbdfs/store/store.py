@@ -512,7 +512,8 @@ class Store:
         return d
 
     def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
-                      primary: str = "", secondary: str = "") -> Manifest:
+                      primary: str = "", secondary: str = "",
+                      ganeti: str | None = None) -> Manifest:
         """Create an instance whose disk files fill(staged_dir) writes (import).
 
         fill runs under the instance's lock with a fresh hidden directory next
@@ -551,7 +552,7 @@ class Store:
                     os.mkdir(meta_dir, 0o700)
                     made.append(meta_dir)
                 m = Manifest(name=name, os=os_name, primary=primary, secondary=secondary,
-                             disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
+                             ganeti=ganeti, disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
                                          path=os.path.join(data_dir, disk_name(i)))
                                     for i, s in enumerate(disks)])
                 self.save(m)
