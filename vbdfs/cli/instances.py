@@ -241,7 +241,9 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
         disks.append({"disk": d.name, "index": d.index, "format": d.format,
                       "driver": d.driver, "size": d.size, "allocated": allocated,
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
-                      "attachment": records.get(d.name)})
+                      "attachment": records.get(d.name) or next(
+                          (r for k, r in sorted(records.items())
+                           if k.startswith(d.name + "@")), None)})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "ganeti": m.ganeti, "disks": disks}
 

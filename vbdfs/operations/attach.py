@@ -16,7 +16,9 @@ through the daemon, which holds the image's metadata.
 
 Each attachment is recorded in STORE/.vbdfs/attachments/INSTANCE.json
 (replaced atomically, under the instance lock) with the node that made it,
-so `info` shows it and `remove` refuses. Records of this node are checked
+so `info` shows it and `remove` refuses. A record's key is the disk's name,
+or DISK@NODE for a disk that several nodes attach at once (a Ganeti volume
+during a live migration: per_node). Records of this node are checked
 against the kernel (sysfs's loop devices, tap-ctl list) and stale ones are
 ignored and dropped; records of another node cannot be checked here and
 count as live.
@@ -188,12 +190,17 @@ def _select(manifest: Manifest, disk: str | None):
     return [manifest.disk(disk)]
 
 
+def record_key(disk: str, node: str, per_node: bool) -> str:
+    return f"{disk}@{node}" if per_node else disk
+
+
 def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | None = None,
            read_only: bool = False, direct_io: bool = True,
-           driver: str | None = None) -> list[dict]:
+           driver: str | None = None, per_node: bool = False) -> list[dict]:
     """Attach one disk, or every disk with a Dom0 driver; return the new records.
 
     All or nothing: if one disk fails, the ones attached by this call are detached.
+    per_node: other nodes may have the disk attached too (records keyed DISK@NODE).
     """
     if driver is not None and driver not in LOOP_DRIVERS + TAP_DRIVERS:
         raise AttachError(f"cannot attach with driver {driver!r} "
@@ -213,8 +220,8 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                                   "nothing to attach in Dom0 (use --driver loop)")
         records = live_records(store, instance, node)
         for d in disks:
-            if d.name in records:
-                r = records[d.name]
+            if record_key(d.name, node, per_node) in records:
+                r = records[record_key(d.name, node, per_node)]
                 raise AttachError(f"instance {instance} disk {d.name} is already attached "
                                   f"as {r.get('device')} on node {r.get('node')}")
         made = []
@@ -228,7 +235,7 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                                   view, read_only, direct_io)
                 rec["node"] = node
                 made.append(rec)
-                records[d.name] = rec
+                records[record_key(d.name, node, per_node)] = rec
             write_records(store, instance, records)
         except BaseException:
             for rec in reversed(made):
@@ -283,6 +290,19 @@ def _detach_one(instance: str, rec: dict) -> None:
         if t.get("args") == "aio:" + path:
             _run(["tap-ctl", "destroy", "-p", t["pid"], "-m", t["minor"]],
                  f"{what}: tap-ctl destroy")
+
+
+def detach_per_node(store: Store, node: str, instance: str, disk: str) -> dict | None:
+    """Detach this node's device of a disk attached per_node; None if it has none."""
+    with store.lock(instance):
+        records = read_records(store, instance)
+        rec = records.get(record_key(disk, node, True))
+        if rec is None:
+            return None
+        _detach_one(instance, rec)
+        del records[record_key(disk, node, True)]
+        write_records(store, instance, records)
+        return rec
 
 
 def detach(store: Store, node: str, instance: str, disk: str | None = None) -> list[dict]:

@@ -119,7 +119,7 @@ def attach(store_fn, mountpoint: str, node: str, volume: str,
         store = store_fn()
         mp = attach_mod.check_mount(store, mountpoint)
         try:
-            made = attach_mod.attach(store, mp, node, volume, DISK)
+            made = attach_mod.attach(store, mp, node, volume, DISK, per_node=True)
             device = made[0]["device"]
         except attach_mod.AttachError:
             device = attached_device(mountpoint, volume)     # a concurrent attach won
@@ -132,14 +132,11 @@ def attach(store_fn, mountpoint: str, node: str, volume: str,
 
 
 def detach(store, node: str, volume: str) -> None:
-    """Detach this node's loop device; not attached here (or no volume) is done."""
-    from . import attach as attach_mod
-    if not store.exists(volume):
-        return
-    records = attach_mod.read_records(store, volume)
-    if records.get(DISK, {}).get("node") != node:
-        return
-    attach_mod.detach(store, node, volume, DISK)
+    """Detach this node's loop device; not attached here (or no volume) is done.
+    A migration's two nodes attach a volume at once: records are per node."""
+    from .attach import detach_per_node
+    if store.exists(volume):
+        detach_per_node(store, node, volume, DISK)
 
 
 # --- open and close: the write lease -------------------------------------------------

@@ -46,10 +46,25 @@ class LeaseBusy(Exception):
 
 
 class Lease:
-    def __init__(self, fd: int, record_path: str | None, shared: bool = False):
+    def __init__(self, fd: int, record_path: str | None, record: dict | None = None,
+                 shared: bool = False):
         self.fd = fd
         self.record_path = record_path
+        self.record = record
         self.shared = shared
+
+    def _write_record(self) -> None:
+        # The record only names the holder for messages; the locks are the
+        # lease. A full or read-only store must not fail the open over it.
+        if not self.record_path:
+            return
+        self.record["shared"] = self.shared
+        try:
+            os.makedirs(os.path.dirname(self.record_path), mode=0o700, exist_ok=True)
+            write_atomic(self.record_path, json.dumps(self.record).encode())
+        except OSError as e:
+            log.warning("lease on %s taken, but its record %s could not be written: %s",
+                        self.record["image"], self.record_path, e.strerror)
 
     def set_shared(self, shared: bool, image_path: str = "") -> None:
         """Downgrade to shared (always works) or upgrade to exclusive (LeaseBusy
@@ -68,11 +83,13 @@ class Lease:
             ofd_unlock(self.fd, SHARED_BASE + WRITE, 1)
             raise LeaseBusy(f"{image_path} is open for writing elsewhere (shared)")
         self.shared = False
+        self._write_record()
 
     def release(self) -> None:
         if self.fd < 0:
             return
-        if self.record_path:
+        # Shared holders share one record path: drop it only if it names us.
+        if self.record_path and _read_json(self.record_path) == self.record:
             try:
                 os.unlink(self.record_path)
             except FileNotFoundError:
@@ -119,21 +136,19 @@ def acquire(image_path: str, state_dir: str | None = None, instance: str = "",
     except BaseException:
         os.close(fd)
         raise
-    path = None
-    if state_dir:
-        # The record only names the holder for messages; the locks are the
-        # lease. A full or read-only store must not fail the open over it.
-        path = record_path(state_dir, instance, disk)
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            write_atomic(path, json.dumps({"node": node, "by": by, "pid": os.getpid(),
-                                           "since": int(time.time()), "shared": shared,
-                                           "image": image_path}).encode())
-        except OSError as e:
-            log.warning("lease on %s taken, but its record %s could not be written: %s",
-                        image_path, path, e.strerror)
-            path = None
-    return Lease(fd, path, shared)
+    lease = Lease(fd, record_path(state_dir, instance, disk) if state_dir else None,
+                  {"node": node, "by": by, "pid": os.getpid(), "since": int(time.time()),
+                   "image": image_path}, shared)
+    lease._write_record()
+    return lease
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 
@@ -147,12 +162,8 @@ def is_write_locked(image_path: str) -> bool:
 
 
 def read_record(state_dir: str, instance: str, disk: str) -> dict | None:
-    try:
-        with open(record_path(state_dir, instance, disk)) as f:
-            rec = json.load(f)
-        return rec if isinstance(rec, dict) else None
-    except (OSError, ValueError):
-        return None
+    rec = _read_json(record_path(state_dir, instance, disk))
+    return rec if isinstance(rec, dict) else None
 
 
 def holder(state_dir: str, instance: str, disk: str, image_path: str) -> dict | None:
