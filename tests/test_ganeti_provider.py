@@ -82,14 +82,15 @@ def nodes(store, tmp_path):
         node.stop()
 
 
-def pwrite_dev(device: str, offset: int, data: bytes) -> None:
+def pwrite_dev(device: str, offset: int, data: bytes, flush: bool = True) -> None:
     """Write as a guest does (O_DIRECT: no page cache in Dom0), then flush."""
     fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, len(data))             # page-aligned, as O_DIRECT needs
         buf.write(data)
         assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)               # through loop to the daemon: its flush()
+        if flush:
+            os.fsync(fd)           # through loop to the daemon: its flush()
     finally:
         os.close(fd)
 
@@ -330,16 +331,24 @@ def test_snapshot_is_a_sparse_copy_removed_by_remove(store, nodes, fmt):
     dev = n("attach")[1].strip()
     n("open", VOL_OPEN_EXCLUSIVE="True")
     data = os.urandom(2 * MiB)
-    pwrite_dev(dev, 300 * MiB, data)
-    _, _, err = n("snapshot", VOL_SNAPSHOT_NAME=VOL + ".snap", VOL_SNAPSHOT_SIZE=1024, check=1)
-    assert "while it is written" in err            # open for writing: no point in time
-    n("detach")                                    # Ganeti's export shuts the guest down
-    dev = n("attach")[1].strip()                   # ... and attaches before the snapshot
+    # Not flushed: a qcow2 volume's new tables are in the daemon's cache only.
+    pwrite_dev(dev, 300 * MiB, data, flush=False)
+    # Open for writing on another node: no point in time to copy.
+    other = nodes()
+    other("attach")
+    _, _, err = other("snapshot", VOL_SNAPSHOT_NAME=VOL + ".snap", VOL_SNAPSHOT_SIZE=1024,
+                      check=1)
+    assert "while it is written" in err and "n1" in err
+    other("detach")
+    assert store.instances() == [VOL]
+    # Ganeti's export stops the guest, leaves the disk open here, snapshots.
     n("snapshot", VOL_SNAPSHOT_NAME=VOL + ".snap", VOL_SNAPSHOT_SIZE=1024)
     snap = store.load(VOL + ".snap")
     assert snap.ganeti == "originstname+inst1" and snap.disks[0].size == 1024 * MiB
     assert snap.disks[0].format == fmt
     assert os.stat(snap.disks[0].path).st_blocks * 512 < 3 * MiB   # sparse
+    if fmt == "qcow2":
+        qemu_img_check(snap.disks[0].path)
     sdev = n("attach", VOL + ".snap")[1].strip()
     n("open", VOL + ".snap", VOL_OPEN_EXCLUSIVE="True")
     assert pread_dev(sdev, 300 * MiB, len(data)) == data

@@ -104,8 +104,8 @@ def verify(v: Volume, out) -> None:
 
 def snapshot(v: Volume, out) -> None:
     v.checked_params()
-    volumes.snapshot(v.store, v.name, v.env.get("VOL_SNAPSHOT_NAME") or v.name + ".snap",
-                     v.node)
+    volumes.snapshot(v.store, v.mountpoint, v.name,
+                     v.env.get("VOL_SNAPSHOT_NAME") or v.name + ".snap", v.node)
 
 
 def open_(v: Volume, out) -> None:

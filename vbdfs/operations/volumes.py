@@ -159,7 +159,7 @@ def lease_mode(mountpoint: str, volume: str) -> str:
     """This node's lease on the volume: none, shared or exclusive."""
     try:
         return os.getxattr(_view(mountpoint, volume), LEASE_XATTR).decode()
-    except FileNotFoundError:
+    except OSError:                    # no mount, not served: no lease of this node's
         return "none"
 
 
@@ -222,10 +222,16 @@ def grow(store, mountpoint: str, volume: str, new_mib: int) -> int:
     return new
 
 
-def snapshot(store, volume: str, snap_name: str, node: str) -> None:
-    """A point-in-time copy of the volume as the volume snap_name (sparse: only
-    data runs are copied). Nobody may write the volume meanwhile: the copy
-    holds its write lease (Ganeti's export shuts the instance down first)."""
+def snapshot(store, mountpoint: str, volume: str, snap_name: str, node: str) -> None:
+    """A copy of the volume as the volume snap_name (sparse: only data runs are
+    copied), in its format and with its owner.
+
+    Nobody may write the volume meanwhile. If this node opened it exclusively
+    (Ganeti's export stops the guest but leaves its disks open), the daemon
+    flushes it first and the copy trusts the guest to be stopped (with
+    `gnt-backup export --noshutdown` it is not, and the copy is what it is).
+    Otherwise the copy holds the write lease, so a writer elsewhere is refused.
+    """
     from ..images import ImageError, create_image, open_image
     from ..store import DiskSpec, leases
     from .transfer import SparseHash, copy_image, writer
@@ -233,11 +239,19 @@ def snapshot(store, volume: str, snap_name: str, node: str) -> None:
     _check_volume(m)
     d = m.disks[0]
     with store.lock(volume):
-        try:
-            lease = leases.acquire(d.path, store.state_dir("leases"), volume, DISK, node,
-                                   by="vbdfs snapshot")
-        except leases.LeaseBusy as e:
-            raise VolumeError(f"cannot snapshot while it is written: {e}") from None
+        lease = None
+        if lease_mode(mountpoint, volume) == "exclusive":
+            fd = os.open(_view(mountpoint, volume), os.O_RDONLY)
+            try:
+                os.fsync(fd)           # the daemon's flush: tables and data on disk
+            finally:
+                os.close(fd)
+        else:
+            try:
+                lease = leases.acquire(d.path, store.state_dir("leases"), volume, DISK, node,
+                                       by="vbdfs snapshot")
+            except leases.LeaseBusy as e:
+                raise VolumeError(f"cannot snapshot while it is written: {e}") from None
         try:
             def fill(staged: str) -> list[DiskSpec]:
                 with open_image(d.path, d.format, read_only=True,
@@ -252,7 +266,8 @@ def snapshot(store, volume: str, snap_name: str, node: str) -> None:
             except ImageError as e:
                 raise VolumeError(f"snapshot {snap_name}: {e}") from None
         finally:
-            lease.release()
+            if lease is not None:
+                lease.release()
 
 
 def verify(params: dict[str, str]) -> None:
