@@ -266,6 +266,14 @@ class Node:
         dev = self.vbdfs_dev()
         return [] if dev is None else loop_devices_on(dev)
 
+    def loop_device_of(self, volume: str) -> str | None:
+        """The loop device over the volume's disk in this node's mount, if any."""
+        for dev in self.loop_devices():
+            with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
+                if f.read().strip() == f"{MOUNTPOINT}/{volume}/sda":
+                    return dev
+        return None
+
     def stop_vbdfs(self) -> None:
         if self.daemon is None:
             return
@@ -411,18 +419,29 @@ class Cluster:
 
     def add_node(self, node: Node) -> None:
         """gnt-node add: over ssh, with the key _start_ssh authorised."""
+        master = self.master
         master.run("gnt-node", "add", "--no-ssh-key-check", node.name, timeout=300)
 
     def gnt(self, *args: str, check: bool = True, timeout: float = 300):
         """A Ganeti command on the master, journalled with the provider calls it caused."""
         marks = [n.calls_log_size() for n in self.nodes]
         start = time.monotonic()
-        r = self.master.run(*args, check=check, timeout=timeout)
+        r = self.master.run(*args, check=False, timeout=timeout)
         seconds = time.monotonic() - start
         calls = [(n.short, line) for n, mark in zip(self.nodes, marks)
                  for line in n.calls_since(mark)]
         self.journal.append((shlex.join(args), r.returncode, seconds, calls))
+        if check and r.returncode != 0:
+            raise CommandFailed(f"{shlex.join(args)} exited {r.returncode}:\n"
+                                f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
         return r
+
+    def remove_all_instances(self) -> None:
+        """What a failed test left: its instances go, so the next test starts clean."""
+        names = self.master.run("gnt-instance", "list", "--no-headers", "-o", "name").stdout
+        for name in names.split():
+            self.gnt("gnt-instance", "remove", "-f", "--shutdown-timeout=0",
+                     "--ignore-failures", name, check=False)
 
     def journal_text(self) -> str:
         """Each Ganeti command, its wall time, and the provider calls it caused."""
