@@ -428,9 +428,8 @@ class VbdFs(pyfuse3.Operations):
             return
         disk = self._disk(key)
         if mode == "none":
-            od.image.flush()                 # what this node wrote reaches the file first
             old, od.image = od.image, self._cold(key, writable=False)
-            old.close()
+            old.close()                      # flushed: on disk before the lease goes
             od.lease.release()
             od.lease = None
             return

@@ -81,7 +81,7 @@ def attach(v: Volume, out) -> None:
 
 
 def detach(v: Volume, out) -> None:
-    volumes.detach(v.store, v.node, v.name)
+    volumes.detach(v.store, v.mountpoint, v.node, v.name)
 
 
 def remove(v: Volume, out) -> None:

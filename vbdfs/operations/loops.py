@@ -31,8 +31,8 @@ def loop_list(sysfs: str = "/sys/block") -> list[tuple[str, str, bool]]:
                 back = f.read().removesuffix("\n")
             with open(f"{sysfs}/{name}/ro") as f:
                 read_only = f.read().strip() == "1"
-        except FileNotFoundError:      # not bound, or detached meanwhile
-            continue
+        except OSError:                # not bound, or detached meanwhile (sysfs
+            continue                   # answers ENODEV for a device going away)
         out.append((f"/dev/{name}", back.removesuffix(" (deleted)"), read_only))
     return sorted(out)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from .loops import loop_list, view_path
 
@@ -36,6 +37,7 @@ PARAMETERS = {
 # Set by Ganeti itself, never by the user in parameters.list.
 GANETI_PARAMETERS = {"provider": None, "access": ACCESS_MODES}
 LEASE_XATTR = "user.vbdfs.lease"
+RELEASE_WAIT = 10.0        # seconds detach waits for the daemon to see the device go
 
 
 class VolumeError(Exception):
@@ -131,12 +133,21 @@ def attach(store_fn, mountpoint: str, node: str, volume: str,
     return lines
 
 
-def detach(store, node: str, volume: str) -> None:
+def detach(store, mountpoint: str, node: str, volume: str) -> None:
     """Detach this node's loop device; not attached here (or no volume) is done.
-    A migration's two nodes attach a volume at once: records are per node."""
+    A migration's two nodes attach a volume at once: records are per node.
+
+    The kernel tells the daemon that the loop device let the view go only
+    after losetup returns (FUSE sends releases asynchronously), and until
+    then the daemon holds the lease: wait for that, so that the remove or
+    the other node's open that follows finds the volume free.
+    """
     from .attach import detach_per_node
-    if store.exists(volume):
-        detach_per_node(store, node, volume, DISK)
+    if not store.exists(volume) or detach_per_node(store, node, volume, DISK) is None:
+        return
+    deadline = time.monotonic() + RELEASE_WAIT
+    while lease_mode(mountpoint, volume) != "none" and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 # --- open and close: the write lease -------------------------------------------------
