@@ -141,7 +141,8 @@ class Node:
         os.makedirs(self.workdir)
         self.daemon: subprocess.Popen | None = None
         self.daemon_log = None
-        self.pid_ns = None
+        self.pid_ns = self.mnt_ns = None
+        self.mounts: list[str] = []          # made by mount_from_host, unmounted by stop
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--net",
              "--mount-proc", "--propagation", "private", sys.executable, "-c", _REAPER],
@@ -150,6 +151,7 @@ class Node:
             wait_for(lambda: self._init_pid() is not None, what=f"{self.short}'s namespaces")
             self.pid = self._init_pid()
             self.pid_ns = os.readlink(f"/proc/{self.pid}/ns/pid")
+            self.mnt_ns = os.readlink(f"/proc/{self.pid}/ns/mnt")
             self.sh(_NODE_SETUP.format(
                 mountpoint=MOUNTPOINT, es_log=ES_LOG_DIR, es_dir=EXTSTORAGE_DIR,
                 workdir=self.workdir, fqdn=self.name, bridge=BRIDGE))
@@ -157,11 +159,12 @@ class Node:
             self._kill_namespace()
             raise
 
-    def _pids_in_namespace(self) -> list[int]:
+    def _pids_in_namespace(self, kind: str = "pid") -> list[int]:
+        ns = self.pid_ns if kind == "pid" else self.mnt_ns
         found = []
         for entry in os.listdir("/proc"):
             try:
-                if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == self.pid_ns:
+                if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/{kind}") == ns:
                     found.append(int(entry))
             except OSError:
                 pass
@@ -201,6 +204,15 @@ class Node:
     def host_path(self, path: str) -> str:
         """Where the host reaches a path as this node sees it."""
         return f"/proc/{self.pid}/root{path}"
+
+    def mount_from_host(self, *args: str, target: str) -> None:
+        """mount ARGS TARGET in the node's mount namespace, but from the host's network
+        and PID namespaces: for a network filesystem whose server runs on the host
+        (its client process then lives outside the node's PID namespace; stop()
+        unmounts it)."""
+        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "--", "mount", *args, target],
+                       check=True, capture_output=True, text=True, timeout=120)
+        self.mounts.append(target)
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         self.run("install", "-D", "-m", oct(mode)[2:], "/dev/stdin", path, input=text)
@@ -317,6 +329,9 @@ class Node:
                 for dev in self.loop_devices():
                     subprocess.run(["losetup", "-d", dev], check=False)
                 self.stop_vbdfs()
+                for target in reversed(self.mounts):
+                    subprocess.run(["nsenter", "-t", str(self.pid), "-m", "--", "umount",
+                                    target], check=False, capture_output=True, timeout=60)
         finally:
             self._kill_namespace()
 
@@ -328,6 +343,15 @@ class Node:
         self.proc.wait()
         wait_for(lambda: not self._pids_in_namespace(), timeout=30,
                  what=f"{self.short}'s processes to end")
+        # Processes outside the PID namespace that keep its mount namespace alive
+        # (a network filesystem's client whose unmount failed): end them too.
+        for pid in self._pids_in_namespace("mnt"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not self._pids_in_namespace("mnt"), timeout=30,
+                 what=f"{self.short}'s mount namespace to empty")
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.kill()
             self.daemon.wait()
@@ -367,9 +391,14 @@ class Cluster:
             self.stop()
             raise
 
-    def start(self, store_root: str) -> None:
-        """vbdfs on every node over store_root, then the cluster with all nodes in it."""
+    def start(self, store_root: str, mount_store=None) -> None:
+        """vbdfs on every node over store_root, then the cluster with all nodes in it.
+
+        mount_store(node, store_root), if given, first mounts the shared store in
+        each node (else the nodes share the host's directory store_root)."""
         for n in self.nodes:
+            if mount_store is not None:
+                mount_store(n, store_root)
             n.serve_store(store_root)
         self.init()
         for n in self.nodes[1:]:

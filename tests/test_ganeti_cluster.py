@@ -7,6 +7,10 @@ around Ganeti: the loop devices Ganeti reports (global, so the test opens them
 directly), the nodes' vbdfs mounts and the store's files (through /proc/PID/root), and
 qemu-img as the judge of qcow2 images.
 
+The two nodes share one store the way two hosts would: a GlusterFS volume (glusterd on
+the host's loopback), mounted by each node's own client at the same path, so each
+node's vbdfs reads, writes and locks through its own client.
+
 Every Ganeti command and the provider calls it caused (the provider's call log on each
 node) are journalled; set VBDFS_GANETI_JOURNAL=FILE to keep the journal.
 """
@@ -24,6 +28,8 @@ import pytest
 
 from conftest import MiB
 from ganeti_cluster import MOUNTPOINT, Cluster
+from test_failover_gluster import HOST as GLUSTER_HOST
+from test_failover_gluster import volume  # noqa: F401 (a fixture: glusterd and a volume)
 
 pytestmark = [pytest.mark.ganeti, pytest.mark.root, pytest.mark.fuse]
 
@@ -47,7 +53,7 @@ def journal():
             f.write("\n".join(texts))
 
 
-def make_cluster(tmp_path_factory, journal, node_count: int):
+def make_cluster(tmp_path_factory, journal, node_count: int, mount_store=None):
     needs_ganeti()
     workdir = str(tmp_path_factory.mktemp(f"ganeti{node_count}"))
     store = os.path.join(workdir, "store")
@@ -55,7 +61,7 @@ def make_cluster(tmp_path_factory, journal, node_count: int):
     cluster = Cluster(workdir, node_count)
     cluster.store = store
     try:
-        cluster.start(store)
+        cluster.start(store, mount_store)
         yield cluster
     finally:
         journal.append(f"# {node_count}-node cluster\n" + cluster.journal_text())
@@ -164,8 +170,12 @@ def one_node(tmp_path_factory, journal):
 
 
 @pytest.fixture(scope="class")
-def two_nodes(tmp_path_factory, journal):
-    yield from make_cluster(tmp_path_factory, journal, 2)
+def two_nodes(tmp_path_factory, journal, volume):
+    """Two nodes, each with its own GlusterFS client of one volume as the store, at the
+    same path (test_failover_gluster's setup, one client per node's namespace)."""
+    def mount_store(node, path):
+        node.mount_from_host("-t", "glusterfs", f"{GLUSTER_HOST}:/{volume}", target=path)
+    yield from make_cluster(tmp_path_factory, journal, 2, mount_store)
 
 
 class TestOneNode:
@@ -283,7 +293,7 @@ class TestOneNode:
         assert node.loop_devices() == []
 
 
-# == two nodes, one shared store ===============================================================
+# == two nodes, one shared store: GlusterFS, a client per node ====================================
 
 class TestTwoNodes:
     volumes: dict[str, list[str]] = {}          # instance -> its volumes
