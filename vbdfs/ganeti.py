@@ -62,7 +62,7 @@ class Volume:
         return volumes.check_params(self.params)
 
     def access(self) -> str:
-        return self.checked_params().get("access", "kernelspace")
+        return volumes.access_mode(self.params)
 
     def mib(self, var: str) -> int:
         value = self.env.get(var, "")
@@ -109,6 +109,7 @@ def snapshot(v: Volume, out) -> None:
 
 
 def open_(v: Volume, out) -> None:
+    v.checked_params()
     exclusive = v.env.get("VOL_OPEN_EXCLUSIVE", "True")
     if exclusive not in ("True", "False"):
         raise volumes.VolumeError(f"VOL_OPEN_EXCLUSIVE={exclusive!r} is not True or False")
@@ -200,8 +201,8 @@ def install(directory: str, python: str | None = None, config: str | None = None
         os.chmod(path, 0o755)
         written.append(path)
     path = os.path.join(directory, "parameters.list")
-    write_atomic(path, "".join(f"{name} {desc}\n" for name, (desc, _, _)
-                               in volumes.PARAMETERS.items()).encode())
+    write_atomic(path, "".join(f"{name} {desc}\n"
+                               for name, desc in volumes.PARAMETERS.items()).encode())
     os.chmod(path, 0o644)
     written.append(path)
     return written

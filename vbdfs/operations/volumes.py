@@ -30,12 +30,8 @@ MiB = 1 << 20
 
 DISK = "sda"
 ACCESS_MODES = ("kernelspace", "userspace")
-# name -> (description for parameters.list, allowed values or None, default)
-PARAMETERS = {
-    "format": ("image format of the volume: raw or qcow2 (default raw)", ("raw", "qcow2"), "raw"),
-}
-# Set by Ganeti itself, never by the user in parameters.list.
-GANETI_PARAMETERS = {"provider": None, "access": ACCESS_MODES}
+# The parameters a user gives (--disk N:...,NAME=VALUE), for parameters.list.
+PARAMETERS = {"format": "image format of the volume: raw or qcow2 (default raw)"}
 LEASE_XATTR = "user.vbdfs.lease"
 RELEASE_WAIT = 10.0        # seconds detach waits for the daemon to see the device go
 
@@ -46,17 +42,27 @@ class VolumeError(Exception):
 
 def check_params(params: dict[str, str]) -> dict[str, str]:
     """The volume's parameters with defaults; VolumeError for unknown names or values."""
-    out = {name: default for name, (_, _, default) in PARAMETERS.items()}
+    from ..images import FORMATS
+    # None: any value (Ganeti sets provider, and access through access_mode).
+    allowed = {"format": FORMATS, "provider": None, "access": ACCESS_MODES}
+    out = {"format": "raw", "access": "kernelspace"}
     for name, value in sorted(params.items()):
-        allowed = PARAMETERS[name][1] if name in PARAMETERS else GANETI_PARAMETERS.get(
-            name, ())
-        if name not in PARAMETERS and name not in GANETI_PARAMETERS:
+        if name not in allowed:
             raise VolumeError(f"unknown parameter {name!r} (known: "
                               f"{', '.join(sorted(PARAMETERS))})")
-        if allowed is not None and value not in allowed:
-            raise VolumeError(f"parameter {name}={value!r} is not one of {', '.join(allowed)}")
+        if allowed[name] is not None and value not in allowed[name]:
+            raise VolumeError(f"parameter {name}={value!r} is not one of "
+                              f"{', '.join(allowed[name])}")
         out[name] = value
     return out
+
+
+def access_mode(params: dict[str, str]) -> str:
+    """Only the access parameter: what attach needs (without loading the engines)."""
+    access = params.get("access", "kernelspace")
+    if access not in ACCESS_MODES:
+        raise VolumeError(f"parameter access={access!r} is not one of {', '.join(ACCESS_MODES)}")
+    return access
 
 
 def _view(mountpoint: str, volume: str) -> str:
