@@ -429,3 +429,14 @@ def test_installed_scripts_run_like_noded(store, nodes, tmp_path):
                                                                     "detach", "remove"]
     assert [c[2] for c in calls].count("2222.ext.disk0") == 1
     assert [c[-1] for c in calls].count("exit=1") == 1 and calls[9][-1] == "exit=1"
+
+
+def test_loop_list_skips_a_device_that_vanishes_while_read(tmp_path):
+    """Regression: sysfs answers ENODEV for a loop device being torn down (another
+    node's test, a detach); attach's listing then failed the Ganeti open."""
+    from vbdfs.operations.loops import loop_list
+    (tmp_path / "loop0" / "loop" / "backing_file").mkdir(parents=True)   # reads fail: EISDIR
+    (tmp_path / "loop1" / "loop").mkdir(parents=True)
+    (tmp_path / "loop1" / "loop" / "backing_file").write_text("/x/y\n")
+    (tmp_path / "loop1" / "ro").write_text("0\n")
+    assert loop_list(str(tmp_path)) == [("/dev/loop1", "/x/y", False)]
