@@ -188,9 +188,13 @@ class Node:
         return ["nsenter", "-t", str(self.pid), *ns, "--", *env]
 
     def run(self, *args: str, check: bool = True, timeout: float = 300, input=None,
-            keep_env: bool = False) -> subprocess.CompletedProcess:
-        """Run a command in the node (clean environment unless keep_env)."""
-        r = subprocess.run([*self.prefix(keep_env=keep_env), *args], capture_output=True,
+            keep_env: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run a command in the node (a clean environment plus env, unless keep_env)."""
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]
+        if extra and keep_env:
+            extra.insert(0, "env")
+        r = subprocess.run([*self.prefix(keep_env=keep_env), *extra, *args],
+                           capture_output=True,
                            text=True, timeout=timeout, input=input, cwd="/",
                            stdin=None if input is not None else subprocess.DEVNULL)
         if check and r.returncode != 0:
@@ -457,13 +461,18 @@ class Cluster:
         start = time.monotonic()
         r = self.master.run(*args, check=False, timeout=timeout)
         seconds = time.monotonic() - start
-        calls = [(n.short, line) for n, mark in zip(self.nodes, marks)
-                 for line in n.calls_since(mark)]
+        # Both nodes' calls in time order (the lines start with an ISO time).
+        calls = sorted(((n.short, line) for n, mark in zip(self.nodes, marks)
+                        for line in n.calls_since(mark)), key=lambda c: c[1].split()[0])
         self.journal.append((shlex.join(args), r.returncode, seconds, calls))
         if check and r.returncode != 0:
             raise CommandFailed(f"{shlex.join(args)} exited {r.returncode}:\n"
                                 f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
         return r
+
+    def note(self, text: str, seconds: float = 0.0, lines=()) -> None:
+        """A journal entry for something the test timed itself."""
+        self.journal.append((text, 0, seconds, [("test", line) for line in lines]))
 
     def remove_all_instances(self) -> None:
         """What a failed test left: its instances go, so the next test starts clean."""

@@ -27,7 +27,7 @@ import subprocess
 import pytest
 
 from conftest import MiB
-from ganeti_cluster import MOUNTPOINT, Cluster
+from ganeti_cluster import EXTSTORAGE_DIR, MOUNTPOINT, Cluster
 from test_failover_gluster import HOST as GLUSTER_HOST
 from test_failover_gluster import volume  # noqa: F401 (a fixture: glusterd and a volume)
 
@@ -264,6 +264,7 @@ class TestOneNode:
         cluster.gnt("gnt-backup", "import", "-t", "ext", "-n", node.name,
                     "--disk", f"0:size=48M,provider=vbdfs,format={fmt}",
                     f"--src-node={node.name}", f"--src-dir=/var/lib/ganeti/export/{name}",
+                    "--net", "0:mac=generate",        # the original still has its MAC
                     "--no-ip-check", "--no-name-check", copy)
         [(ivol, idev)] = disks_of(cluster, copy)
         assert ivol != vol
@@ -278,6 +279,32 @@ class TestOneNode:
             cluster.gnt("gnt-instance", "remove", "-f", "--shutdown-timeout=0", n)
         assert store_files(cluster) == before
         assert node.loop_devices() == []
+
+    def test_attach_as_noded_runs_it_is_idempotent(self, cluster):
+        """The attach script run the way noded runs it (no arguments, cwd the provider
+        directory, noded's environment plus Ganeti's variables), again and again on an
+        attached volume: the same device each time and nothing new attached. The
+        wall times, script start-up included, go to the journal."""
+        node = cluster.master
+        cluster.gnt(*GNT_ADD, "-n", node.name,
+                    "--disk", "0:size=16M,provider=vbdfs,format=qcow2", "att")
+        [(vol, dev)] = disks_of(cluster, "att")
+        loops = node.loop_devices()
+        for access, expected in (("kernelspace", [dev]),
+                                 ("userspace", [dev, f"kvm:{MOUNTPOINT}/{vol}/sda"])):
+            env = {"VOL_NAME": vol, "EXTP_PROVIDER": "vbdfs", "EXTP_ACCESS": access,
+                   "EXTP_FORMAT": "qcow2"}
+            times = []
+            for _ in range(10):
+                r = node.run("bash", "-c", f"cd {EXTSTORAGE_DIR}/vbdfs && "
+                             "s=$(date +%s%N) && ./attach && e=$(date +%s%N) && "
+                             "echo $(( (e - s) / 1000 )) >&2", env=env)
+                assert r.stdout.splitlines() == expected, r.stdout
+                times.append(int(r.stderr.split()[-1]) / 1000)
+            cluster.note(f"attach ({access}) run as noded runs it, 10 times on an attached "
+                         f"volume: ms min {min(times):.1f} median {sorted(times)[5]:.1f} "
+                         f"max {max(times):.1f}", sum(times) / 1000)
+        assert node.loop_devices() == loops
 
     def test_unknown_format_is_refused_and_leaves_nothing(self, cluster):
         node = cluster.master
