@@ -20,6 +20,7 @@ import pytest
 
 from conftest import MiB, Mount, vbdctl_runner, wait_for
 from vbdfs import ganeti
+from vbdfs.operations.loops import backs
 from vbdfs.store import Store, leases
 
 VOL = "0f3c9a1e-5b7d-4c2a-9e8f-1a2b3c4d5e6f.ext.disk0"
@@ -264,6 +265,9 @@ def test_live_migration_hands_a_qcow2_volume_over(store, nodes):
              what="the volume in both mounts")
     dev_a = a("attach")[1].strip()
     a("open", VOL_OPEN_EXCLUSIVE="True")
+    # attach tells A's device from one over B's view by the kernel's numbers, not the
+    # path (nodes in mount namespaces see one path for two files).
+    assert backs(dev_a, os.stat(a.view())) and not backs(dev_a, os.stat(b.view()))
     written = {}
 
     def write(dev, offset, seed):

@@ -6,7 +6,9 @@ operation, answers from these without loading the store (see volumes.attach).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 
 
 def view_path(mountpoint: str, instance: str, disk: str) -> str:
@@ -40,6 +42,31 @@ def loop_list(sysfs: str = "/sys/block") -> list[tuple[str, str, bool]]:
 def loop_devices() -> dict[str, str]:
     """Every loop device in use: {device: backing file}."""
     return {device: back for device, back, _ in loop_list()}
+
+
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64 begins with lo_device and lo_inode (__u64 each); 232 bytes in all.
+_LOOP_INFO64 = struct.Struct("=QQ216x")
+
+
+def backs(device: str, st: os.stat_result) -> bool:
+    """True if the loop device's backing file is the file st describes.
+
+    sysfs gives a path only, and a path means different files in different
+    mount namespaces (nodes in containers, the cluster tests): the kernel's
+    device and inode numbers tell them apart."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_LOOP_INFO64.size))
+    except OSError:                    # not bound (any more)
+        return False
+    finally:
+        os.close(fd)
+    dev, ino = _LOOP_INFO64.unpack(info)
+    return (dev, ino) == (st.st_dev, st.st_ino)
 
 
 def loop_dio(device: str) -> bool | None:

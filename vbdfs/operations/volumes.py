@@ -24,7 +24,7 @@ import errno
 import os
 import time
 
-from .loops import loop_list, view_path
+from .loops import backs, loop_list, view_path
 
 MiB = 1 << 20
 
@@ -109,9 +109,15 @@ def _check_volume(m) -> None:
 def attached_device(mountpoint: str, volume: str) -> str | None:
     """This node's loop device for the volume: one over this node's view of it."""
     view = _view(mountpoint, volume)
+    st = None
     for device, back, read_only in loop_list():
         if back == view and not read_only:
-            return device
+            try:
+                st = st or os.stat(view)
+            except OSError:            # no mount, or not served: nothing attached here
+                return None
+            if backs(device, st):
+                return device
     return None
 
 
