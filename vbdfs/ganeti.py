@@ -154,7 +154,8 @@ def _log_call(env, action: str, seconds: float, status: int) -> None:
     path = env.get("VBDFS_GANETI_LOG", CALL_LOG)
     if not path or not os.path.isdir(os.path.dirname(path)):
         return
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}"
     line = (f"{stamp}Z {action} {env.get('VOL_NAME') or '?'} {seconds * 1000:.1f}ms "
             f"exit={status}\n")
     try:
