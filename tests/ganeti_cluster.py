@@ -327,9 +327,15 @@ class Node:
     # -- teardown ------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Detach the node's loop devices, stop its vbdfs daemon, end its namespaces."""
+        """Detach the node's loop devices, stop its vbdfs daemon, end its namespaces.
+
+        Then check: a loop device still busy (a guest's) is detached by the kernel only
+        when its last user has gone with the namespace.
+        """
+        fuse_dev = None
         try:
             if self.proc.poll() is None:
+                fuse_dev = self.vbdfs_dev()
                 for dev in self.loop_devices():
                     subprocess.run(["losetup", "-d", dev], check=False)
                 self.stop_vbdfs()
@@ -338,6 +344,9 @@ class Node:
                                     target], check=False, capture_output=True, timeout=60)
         finally:
             self._kill_namespace()
+        if fuse_dev is not None:
+            wait_for(lambda: not loop_devices_on(fuse_dev), timeout=30,
+                     what=f"{self.short}'s loop devices to go: {loop_devices_on(fuse_dev)}")
 
     def _kill_namespace(self) -> None:
         # unshare ignores SIGTERM while it waits; SIGKILL ends it, --kill-child then
