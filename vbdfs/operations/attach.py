@@ -38,6 +38,7 @@ from .loops import loop_devices, loop_dio, loop_list, view_path  # noqa: F401 (r
 from .tools import run_tool
 
 LOOP_DRIVERS = ("loop",)
+BUSY_WAIT = 2.0          # seconds a detached loop device may stay busy before we say so
 TAP_DRIVERS = ("blktap", "blktap2")
 
 
@@ -281,10 +282,14 @@ def _detach_one(instance: str, rec: dict) -> None:
         if loop_devices().get(device) != path:
             return
         _run(["losetup", "--detach", device], f"{what}: detaching {device}")
-        if loop_devices().get(device) == path:
-            # The kernel set autoclear: it goes once its last user closes it.
-            raise AttachError(f"{what}: {device} is busy (mounted or open?); it will "
-                              "detach when its last user closes it")
+        # Busy, the kernel set autoclear: it goes once its last user closes it.
+        # udev's probe of a new device is such a user for a moment: wait that out.
+        deadline = time.monotonic() + BUSY_WAIT
+        while loop_devices().get(device) == path:
+            if time.monotonic() > deadline:
+                raise AttachError(f"{what}: {device} is busy (mounted or open?); it will "
+                                  "detach when its last user closes it")
+            time.sleep(0.05)
         return
     for t in tap_devices():
         if t.get("args") == "aio:" + path:
