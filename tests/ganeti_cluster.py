@@ -63,6 +63,10 @@ mount -t sysfs sysfs /sys
 for d in /var/lib/ganeti /var/log/ganeti /run /srv; do
     mount -t tmpfs -o mode=0755 tmpfs "$d"
 done
+# GlusterFS's state and logs, where installed (a node may serve or mount a volume)
+for d in /var/lib/glusterd /var/log/glusterfs; do
+    if [ -d "$d" ]; then mount -t tmpfs -o mode=0755 tmpfs "$d"; fi
+done
 mkdir -p /run/lock /run/ganeti /run/sshd {mountpoint} {es_log} {es_dir}
 # Overlays, not tmpfs: the node still reads the host's files (a Python installed under
 # /root, say), and writes only its own copy.
@@ -142,7 +146,7 @@ class Node:
         self.daemon: subprocess.Popen | None = None
         self.daemon_log = None
         self.pid_ns = self.mnt_ns = None
-        self.mounts: list[str] = []          # made by mount_from_host, unmounted by stop
+        self.mounts: list[str] = []          # made by mount(), unmounted by stop
         self.proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--net",
              "--mount-proc", "--propagation", "private", sys.executable, "-c", _REAPER],
@@ -209,14 +213,25 @@ class Node:
         """Where the host reaches a path as this node sees it."""
         return f"/proc/{self.pid}/root{path}"
 
-    def mount_from_host(self, *args: str, target: str) -> None:
-        """mount ARGS TARGET in the node's mount namespace, but from the host's network
-        and PID namespaces: for a network filesystem whose server runs on the host
-        (its client process then lives outside the node's PID namespace; stop()
-        unmounts it)."""
-        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "--", "mount", *args, target],
-                       check=True, capture_output=True, text=True, timeout=120)
+    def mount(self, *args: str, target: str) -> None:
+        """mount ARGS TARGET in the node; stop() unmounts it before the node ends."""
+        self.run("mount", *args, target)
         self.mounts.append(target)
+
+    def serve_glusterfs(self, volume: str, brick: str, options=()) -> str:
+        """glusterd in this node and a started one-brick volume on its address; the
+        volume's mount source (HOST:/VOLUME). glusterd and the brick process live in
+        the node's namespaces, so they end with it."""
+        self.run("glusterd")
+        wait_for(lambda: self.run("gluster", "--mode=script", "pool", "list",
+                                  check=False).returncode == 0,
+                 what=f"glusterd on {self.short}")
+        self.run("gluster", "--mode=script", "volume", "create", volume,
+                 f"{self.address}:{brick}", "force")
+        for option in options:
+            self.run("gluster", "--mode=script", "volume", "set", volume, option, "off")
+        self.run("gluster", "--mode=script", "volume", "start", volume)
+        return f"{self.address}:/{volume}"
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         self.run("install", "-D", "-m", oct(mode)[2:], "/dev/stdin", path, input=text)

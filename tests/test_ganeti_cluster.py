@@ -7,9 +7,9 @@ around Ganeti: the loop devices Ganeti reports (global, so the test opens them
 directly), the nodes' vbdfs mounts and the store's files (through /proc/PID/root), and
 qemu-img as the judge of qcow2 images.
 
-The two nodes share one store the way two hosts would: a GlusterFS volume (glusterd on
-the host's loopback), mounted by each node's own client at the same path, so each
-node's vbdfs reads, writes and locks through its own client.
+The two nodes share one store the way two hosts would: a GlusterFS volume (served from
+node1's namespaces), mounted by each node's own client at the same path over the nodes'
+network, so each node's vbdfs reads, writes and locks through its own client.
 
 Every Ganeti command and the provider calls it caused (the provider's call log on each
 node) are journalled; set VBDFS_GANETI_JOURNAL=FILE to keep the journal.
@@ -28,8 +28,7 @@ import pytest
 
 from conftest import MiB, wait_for
 from ganeti_cluster import EXTSTORAGE_DIR, MOUNTPOINT, Cluster
-from test_failover_gluster import HOST as GLUSTER_HOST
-from test_failover_gluster import volume  # noqa: F401 (a fixture: glusterd and a volume)
+from test_failover_gluster import CONSISTENCY_OPTIONS
 
 pytestmark = [pytest.mark.ganeti, pytest.mark.root, pytest.mark.fuse]
 
@@ -171,11 +170,21 @@ def one_node(tmp_path_factory, journal):
 
 
 @pytest.fixture(scope="class")
-def two_nodes(tmp_path_factory, journal, volume):
+def two_nodes(tmp_path_factory, journal):
     """Two nodes, each with its own GlusterFS client of one volume as the store, at the
-    same path (test_failover_gluster's setup, one client per node's namespace)."""
+    same path (test_failover_gluster's layout). node1 also serves the volume, from its
+    own namespaces (so a glusterd on the host, or another test's, is no obstacle)."""
+    if shutil.which("glusterd") is None or shutil.which("mount.glusterfs") is None:
+        pytest.fail("GlusterFS is not installed (tools/setup installs glusterfs-server "
+                    "and glusterfs-client)")
+    source = []
+
     def mount_store(node, path):
-        node.mount_from_host("-t", "glusterfs", f"{GLUSTER_HOST}:/{volume}", target=path)
+        if not source:
+            brick = os.path.join(os.path.dirname(path), "brick")
+            os.mkdir(brick)
+            source.append(node.serve_glusterfs("vbdfs", brick, CONSISTENCY_OPTIONS))
+        node.mount("-t", "glusterfs", source[0], target=path)
     yield from make_cluster(tmp_path_factory, journal, 2, mount_store)
 
 
