@@ -250,6 +250,13 @@ def test_attach_needs_the_stores_mount(store, nodes, tmp_path):
         other.stop()
     _, out, err = n("attach", check=1, VBDFS_MOUNTPOINT=str(tmp_path / "nothing"))
     assert out == "" and "is not a mount point: start the vbdfs daemon" in err
+    # A hostile volume name never reaches a path: even an attached device's view.
+    device = n("attach")[1].strip()
+    for name in (f"../{os.path.basename(n.mount.path)}/{VOL}", f"{VOL}/../{VOL}", ".."):
+        _, out, err = n("attach", name, check=1)
+        assert out == "" and "instance name" in err, err
+    n("detach")
+    assert device not in loops_backed_by(n.mount.path + "/")
     n("remove")
 
 

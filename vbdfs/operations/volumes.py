@@ -107,7 +107,10 @@ def _check_volume(m) -> None:
 
 # --- attach and detach ----------------------------------------------------------------
 def attached_device(mountpoint: str, volume: str) -> str | None:
-    """This node's loop device for the volume: one over this node's view of it."""
+    """This node's loop device for the volume: one over this node's view of it.
+    A name that is no single path component is left to the store to refuse."""
+    if "/" in volume or volume.startswith(".") or "\0" in volume:
+        return None
     view = _view(mountpoint, volume)
     st = None
     for device, back, read_only in loop_list():
