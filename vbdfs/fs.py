@@ -23,6 +23,7 @@ import pyfuse3
 
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage, open_image
 from .images.cold import ColdImage
+from .images.fileops import drop_cache
 from .store import Manifest, Store, leases
 from .store.names import InvalidName
 
@@ -389,7 +390,7 @@ class VbdFs(pyfuse3.Operations):
             except FileNotFoundError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         try:
-            return OpenDisk(self._open_image(key, writable), writable, lease)
+            return OpenDisk(self._fresh_image(key, writable), writable, lease)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -413,8 +414,17 @@ class VbdFs(pyfuse3.Operations):
                         "serving the image's size", key[0], key[1], image.size, disk.size)
         return image
 
+    def _fresh_image(self, key: tuple, writable: bool) -> Image:
+        """The image as the storage has it now: another node may have written it
+        since this one last read it (shared storage), so drop our cached pages first."""
+        try:
+            drop_cache(self._disk(key).path)
+        except OSError:
+            pass                  # _open_image reports a missing or unreadable file
+        return self._open_image(key, writable)
+
     def _cold(self, key: tuple, writable: bool) -> ColdImage:
-        return ColdImage(lambda read_only: self._open_image(key, not read_only), writable)
+        return ColdImage(lambda read_only: self._fresh_image(key, not read_only), writable)
 
     def _set_lease(self, inode: int, key: tuple, od: OpenDisk, mode: str) -> None:
         """Move a Ganeti volume's lease on this node to mode (none, shared, exclusive).
@@ -449,7 +459,7 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBUSY) from None
         try:
             od.image.flush()
-            new = self._cold(key, True) if mode == "shared" else self._open_image(key, True)
+            new = self._cold(key, True) if mode == "shared" else self._fresh_image(key, True)
         except BaseException:
             if fresh:
                 od.lease.release()
@@ -464,7 +474,7 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is not None:
             return od.image.size
-        with self._open_image(key, False) as img:
+        with self._fresh_image(key, False) as img:
             return img.size
 
     def _grow(self, inode: int, key: tuple, size: int) -> None:
@@ -483,7 +493,7 @@ class VbdFs(pyfuse3.Operations):
             log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
             raise pyfuse3.FUSEError(errno.EBUSY) from None
         try:
-            with self._open_image(key, True) as img:
+            with self._fresh_image(key, True) as img:
                 img.resize(size)
                 img.flush()
         finally:
@@ -491,7 +501,7 @@ class VbdFs(pyfuse3.Operations):
         if od is not None and isinstance(od.image, ColdImage):
             od.image.size = size              # it learns sizes only when it opens
         elif od is not None:
-            old, od.image = od.image, self._open_image(key, False)   # a cached reader
+            old, od.image = od.image, self._fresh_image(key, False)   # a cached reader
             old.close()
 
     def _log_once(self, key: tuple, message: str) -> None:
