@@ -255,11 +255,11 @@ class TestOneNode:
         before = store_files(cluster)
         name, copy = f"exp-{fmt}", f"imp-{fmt}"
         cluster.gnt(*GNT_ADD, "-n", node.name,
-                    "--disk", f"0:size=48M,provider=vbdfs,format={fmt}", name)
+                    "--disk", f"0:size=16M,provider=vbdfs,format={fmt}", name)
         [(vol, dev)] = disks_of(cluster, name)
         rng = random.Random(fmt)
         data_bytes = 0
-        for offset, length in ((0, MiB), (20 * MiB + 4096, 2 * MiB), (48 * MiB - 4096, 4096)):
+        for offset, length in ((0, MiB), (6 * MiB + 4096, 2 * MiB), (16 * MiB - 4096, 4096)):
             write_at(dev, offset, rng.randbytes(length))
             data_bytes += length
         digest = sha256_of(dev)
@@ -272,7 +272,7 @@ class TestOneNode:
                            name).stdout.strip() == "running"
         assert sha256_of(dev) == digest
         cluster.gnt("gnt-backup", "import", "-t", "ext", "-n", node.name,
-                    "--disk", f"0:size=48M,provider=vbdfs,format={fmt}",
+                    "--disk", f"0:size=16M,provider=vbdfs,format={fmt}",
                     f"--src-node={node.name}", f"--src-dir=/var/lib/ganeti/export/{name}",
                     "--net", "0:mac=generate",        # the original still has its MAC
                     "--no-ip-check", "--no-name-check", copy)
