@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from conftest import wait_for
+
 DOMAIN = "vbdfs.test"
 NET = "192.0.2"                      # TEST-NET-1, inside our namespaces only
 CLUSTER_NAME = f"cluster.{DOMAIN}"
@@ -82,14 +84,6 @@ ip link set {bridge} up
 """
 
 
-def wait_for(predicate, timeout=30.0, what="condition", interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def children(pid: int) -> list[int]:
     """Child pids of pid (this kernel may lack /proc/PID/task/*/children: read stat)."""
     out = []
@@ -112,25 +106,18 @@ class CommandFailed(AssertionError):
 
 
 def loop_devices_on(dev: int) -> list[str]:
-    """Loop devices whose backing file is on the filesystem with device number dev."""
+    """Loop devices whose backing file is on the filesystem with device number dev.
+
+    losetup (the kernel's LOOP_GET_STATUS64), not sysfs: sysfs gives a path only, and
+    every node names its disks by the same path in its own namespace."""
+    r = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-MAJ:MIN"],
+                       capture_output=True, text=True, check=True)
     found = []
-    for name in os.listdir("/sys/block"):
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file"):
-                pass
-        except OSError:
-            continue                                  # not attached
-        r = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,MAJ:MIN,BACK-MAJ:MIN",
-                            f"/dev/{name}"], capture_output=True, text=True)
-        if r.returncode != 0 or not r.stdout.strip():
-            continue
-        for dev_info in json.loads(r.stdout)["loopdevices"]:
-            back = dev_info.get("back-maj:min") or ""
-            if back and os.makedev(*map(int, back.split(":"))) == dev:
-                found.append(dev_info["name"])
-    return found
+    for info in json.loads(r.stdout or '{"loopdevices": []}')["loopdevices"]:
+        back = info.get("back-maj:min") or ""
+        if back and os.makedev(*map(int, back.split(":"))) == dev:
+            found.append(info["name"])
+    return sorted(found)
 
 
 class Node:
@@ -225,7 +212,7 @@ class Node:
         self.run("glusterd")
         wait_for(lambda: self.run("gluster", "--mode=script", "pool", "list",
                                   check=False).returncode == 0,
-                 what=f"glusterd on {self.short}")
+                 timeout=60, what=f"glusterd on {self.short}")
         self.run("gluster", "--mode=script", "volume", "create", volume,
                  f"{self.address}:{brick}", "force")
         for option in options:
@@ -270,7 +257,7 @@ class Node:
             stdout=self.daemon_log, stderr=subprocess.STDOUT, cwd="/",
             stdin=subprocess.DEVNULL)
         wait_for(lambda: self.vbdfs_mounted() or self.daemon.poll() is not None,
-                 what=f"vbdfs to mount on {self.short}")
+                 timeout=30, what=f"vbdfs to mount on {self.short}")
         if not self.vbdfs_mounted():
             raise AssertionError(f"vbdfs did not mount on {self.short}: {self.vbdfs_output()}")
 
