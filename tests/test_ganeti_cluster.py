@@ -17,11 +17,13 @@ node) are journalled; set VBDFS_GANETI_JOURNAL=FILE to keep the journal.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -120,6 +122,18 @@ def lease_modes(cluster: Cluster, vol: str) -> dict[str, str]:
     """Each node's write lease on the volume, as its vbdfs mount reports it."""
     return {n.short: os.getxattr(disk_on(n, vol), "user.vbdfs.lease").decode()
             for n in cluster.nodes}
+
+
+def write_locked(image: str) -> bool:
+    """Does anyone hold a writer's lock on the image file? (qemu's lock layout: byte 101
+    is the write permission; a test for an exclusive lock there finds any writer.)"""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0)
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, lock)
+        return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
 
 
 def blockdev_size(dev: str) -> int:
@@ -316,14 +330,20 @@ class TestOneNode:
                          f"max {max(times):.1f}", sum(times) / 1000)
         assert node.loop_devices() == loops
 
-    def test_unknown_format_is_refused_and_leaves_nothing(self, cluster):
+    @pytest.mark.parametrize("disks", [
+        ["0:size=16M,provider=vbdfs,format=vmdk"],
+        # Ganeti creates disk 0, then rolls it back (detach, remove) when disk 1 fails.
+        ["0:size=16M,provider=vbdfs,format=qcow2", "1:size=16M,provider=vbdfs,format=vmdk"],
+    ], ids=["one-disk", "second-disk"])
+    def test_unknown_format_is_refused_and_leaves_nothing(self, cluster, disks):
         node = cluster.master
         before = store_files(cluster)
         r = cluster.gnt(*GNT_ADD, "-n", node.name,
-                        "--disk", "0:size=16M,provider=vbdfs,format=vmdk", "bad", check=False)
+                        *[arg for d in disks for arg in ("--disk", d)], "bad", check=False)
         assert r.returncode != 0
         out = r.stdout + r.stderr
-        assert "vmdk" in out and re.search(r"format", out), out
+        # The provider's one line, shown by Ganeti: the bad value and the good ones.
+        assert re.search(r"format.*vmdk.*raw.*qcow2", out), out
         assert "bad" not in cluster.gnt("gnt-instance", "list", "--no-headers",
                                         "-o", "name").stdout.split()
         assert store_files(cluster) == before
@@ -434,6 +454,8 @@ class TestTwoNodes:
             modes = lease_modes(cluster, vol)
             assert modes[where.short] == "exclusive", modes
             assert [m for m in modes.values() if m != "none"] == ["exclusive"], modes
+            # and the store agrees: the image file is write-locked (OFD locks, as qemu's)
+            assert write_locked(backing_file(cluster, vol))
             assert where.loop_device_of(vol)
         for n in cluster.nodes:
             if n is not where:
@@ -498,6 +520,7 @@ class TestTwoNodes:
         ganeti_agrees(cluster, name, where)
         cluster.gnt("gnt-instance", "shutdown", "--timeout=0", name)
         assert lease_modes(cluster, vol) == {n1.short: "none", n2.short: "none"}
+        assert not write_locked(backing_file(cluster, vol))
         image = backing_file(cluster, vol)
         if fmt == "qcow2":
             check = qemu_img("check", image)
