@@ -71,11 +71,12 @@ for d in /var/lib/glusterd /var/log/glusterfs; do
 done
 mkdir -p /run/lock /run/ganeti /run/sshd {mountpoint} {es_log} {es_dir}
 # Overlays, not tmpfs: the node still reads the host's files (a Python installed under
-# /root, say), and writes only its own copy.
+# /root, say), and writes only its own copy, kept on the node's /run (a tmpfs: an
+# overlay's upper layer cannot be on another overlay, as / is in a container).
 for d in etc root; do
-    mkdir -p {workdir}/$d-upper {workdir}/$d-work
+    mkdir -p /run/overlay/$d-upper /run/overlay/$d-work
     mount -t overlay overlay \
-        -o lowerdir=/$d,upperdir={workdir}/$d-upper,workdir={workdir}/$d-work /$d
+        -o lowerdir=/$d,upperdir=/run/overlay/$d-upper,workdir=/run/overlay/$d-work /$d
 done
 hostname {fqdn}
 ip link set lo up
@@ -145,7 +146,7 @@ class Node:
             self.mnt_ns = os.readlink(f"/proc/{self.pid}/ns/mnt")
             self.sh(_NODE_SETUP.format(
                 mountpoint=MOUNTPOINT, es_log=ES_LOG_DIR, es_dir=EXTSTORAGE_DIR,
-                workdir=self.workdir, fqdn=self.name, bridge=BRIDGE))
+                fqdn=self.name, bridge=BRIDGE))
         except BaseException:
             self._kill_namespace()
             raise
