@@ -14,7 +14,17 @@ daemon, every gnt-* command) is started inside with nsenter. Inside, the node ha
   the cluster IP is added to it by Ganeti; br0, an empty bridge for instance NICs;
 - its host name (UTS), resolved through its /etc/hosts;
 - a vbdfs daemon serving the store at /run/vbdfs (the provider's default mountpoint,
-  the same path on every node, as Ganeti expects of shared storage).
+  the same path on every node, as Ganeti expects of shared storage), configured in its
+  /etc/vbdfs/vbdfs.toml, and the provider installed by `vbdctl ganeti-install` into
+  /srv/ganeti/extstorage/vbdfs;
+- sshd on its own address only, with the master's root key authorised (`gnt-node add`
+  logs in with it; the cluster is made with --no-ssh-init, so Ganeti leaves keys alone);
+- where GlusterFS is installed, tmpfs over /var/lib/glusterd and /var/log/glusterfs, so
+  a node can serve a volume (Node.serve_glusterfs) or mount one without touching the
+  host's.
+
+The cluster (Cluster.init) has the fake hypervisor, the ext disk template only, and an
+instance policy that allows the tests' small disks and memory.
 
 Mounts made inside stay inside (the namespace is created with private propagation); the
 host reaches a node's files through /proc/PID/root. Loop devices are global, so stop()
