@@ -270,8 +270,11 @@ class Store:
 
     # --- lifecycle -----------------------------------------------------
     def create(self, name: str, disks: list[DiskSpec], directory: str | None = None,
-               os_name: str = "", primary: str = "", secondary: str = "") -> Manifest:
-        """Create an instance with new sparse disks. On any error nothing is left behind."""
+               os_name: str = "", primary: str = "", secondary: str = "",
+               ganeti: str | None = None) -> Manifest:
+        """Create an instance with new sparse disks. On any error nothing is left behind.
+
+        ganeti: "" for a Ganeti ExtStorage volume (see Manifest)."""
         self._check_root()
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
@@ -292,7 +295,7 @@ class Store:
                     os.mkdir(data_dir, 0o700)
                     made.append(data_dir)
                 m = Manifest(name=name, disks=[], os=os_name, primary=primary,
-                             secondary=secondary)
+                             secondary=secondary, ganeti=ganeti)
                 for i, spec in enumerate(disks):
                     path = os.path.join(data_dir, disk_name(i))
                     fmt = spec.format or "raw"
@@ -551,7 +554,8 @@ class Store:
         return d
 
     def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
-                      primary: str = "", secondary: str = "") -> Manifest:
+                      primary: str = "", secondary: str = "",
+                      ganeti: str | None = None) -> Manifest:
         """Create an instance whose disk files fill(staged_dir) writes (import).
 
         fill runs under the instance's lock with a fresh hidden directory next
@@ -590,7 +594,7 @@ class Store:
                     os.mkdir(meta_dir, 0o700)
                     made.append(meta_dir)
                 m = Manifest(name=name, os=os_name, primary=primary, secondary=secondary,
-                             disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
+                             ganeti=ganeti, disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
                                          path=os.path.join(data_dir, disk_name(i)))
                                     for i, s in enumerate(disks)])
                 self.save(m)
