@@ -48,7 +48,7 @@ def test_qcow2_disk_reads_writes_and_stays_valid(store, mounted):
     finally:
         os.close(fd)
     # After fsync the image file alone holds everything: qemu-img agrees.
-    assert qemu_img("check", backing(store, "web")).returncode == 0
+    assert qemu_img("check", "-U", backing(store, "web")).returncode == 0
     info = json.loads(qemu_img("info", "--output=json", "-U", backing(store, "web")).stdout)
     assert info["format"] == "qcow2" and info["virtual-size"] == GiB
     assert os.path.getsize(backing(store, "web")) < 4 * MiB + 2 * MiB   # sparse

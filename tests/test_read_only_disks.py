@@ -106,7 +106,7 @@ def test_read_only_qcow2_says_so_everywhere(ctl, store, case):
     listed, = json.loads(ctl("list", "--output", "json", check=0).stdout)
     assert listed["read_only"] == {"sda": info["disks"][0]["read_only"]}
     header, row = ctl("list", check=0).stdout.splitlines()
-    assert header.split()[-1] == "Read-only" and row.split()[-1] == "sda"
+    assert header.split()[-2] == "Read-only" and row.split()[-2] == "sda"
 
     view = ctl.mount.disk("vm")
     wait_for(lambda: os.path.exists(view), what="the disk in the mount")

@@ -36,6 +36,7 @@ COMMANDS = {
     "modify": "failover", "failover-check": "failover", "migrate-check": "failover",
     "failover": "failover",
     "daemon-stop": "daemon", "recover": "daemon",
+    "ganeti-install": "ganeti",
 }
 GLOBAL_OPTIONS_WITH_VALUE = {"--config", "--store", "--mountpoint", "--node", "--whitelist"}
 

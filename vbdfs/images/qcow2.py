@@ -39,9 +39,11 @@ What this engine does, and the choices it makes:
   touched (its writes pass the check too), and a crash around it leaves the
   bit set or not. Version 2 headers have no such bit: read-only in memory.
   Metadata that overlaps other metadata is refused at a writable open.
-* Refused at open (ImageError naming the feature): encryption, non-zlib
-  compression, unknown incompatible bits, internal snapshots together with
-  an external data file, and every header value outside qemu's limits.
+* Refused at open (ImageError naming the feature): encryption, unknown
+  incompatible bits or compression types, zstd compression without the
+  zstandard module, internal snapshots together with an external data file,
+  and every header value outside qemu's limits. Compressed clusters (zlib or
+  zstd: qcow2_compress) are read, and rewritten plain when written to.
 * Every refcount width (1 to 64 bits: qcow2_refcount), extended L2 entries
   (qcow2_subclusters) and external data files (`data_file`, opened like a
   backing file, below; data at its guest offset without refcounts) are
@@ -66,10 +68,10 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
-import zlib
 from array import array
 from collections import OrderedDict
 
+from . import qcow2_compress
 from . import qcow2_header as qh
 from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
@@ -290,7 +292,7 @@ class Qcow2Image(SubclusterMixin, Image):
             raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
                              f"recorded in the image (no backing-format extension) and "
                              f"was not given; refusing to guess it")
-        if fmt not in ("raw", "qcow2"):
+        if fmt not in ("raw", "qcow2", "qcow"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
         target = self._confined_target(name, store_root, "backing file")
@@ -303,6 +305,9 @@ class Qcow2Image(SubclusterMixin, Image):
             if fmt == "raw":
                 from .raw import RawImage
                 return RawImage(target, read_only=True, store_root=store_root)
+            if fmt == "qcow":       # a legacy base: its own backing file is read as raw
+                from .qcow import QcowImage
+                return QcowImage(target, store_root=store_root, _chain=chain)
             return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
         except FileNotFoundError:
             raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
@@ -482,8 +487,9 @@ class Qcow2Image(SubclusterMixin, Image):
             raise ImageError(f"{self.path}: compressed cluster for guest offset "
                              f"{g << self.cluster_bits:#x} points outside the file")
         try:
-            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, nbytes, off), self.cs)
-        except zlib.error as err:
+            out = qcow2_compress.decompress(self.hdr.compression_type,
+                                            pread_full(self.fd, nbytes, off), self.cs)
+        except ValueError as err:
             raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
                              f"{g << self.cluster_bits:#x}: {err}") from None
         if len(out) != self.cs:

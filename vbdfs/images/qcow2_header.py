@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 
+from . import qcow2_compress
 from .base import ImageError
 
 MAGIC = b"QFI\xfb"
@@ -37,7 +38,7 @@ INCOMPAT_EXTL2 = 1 << 4
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 MIN_EXTL2_CLUSTER_BITS = 14     # qemu: subclusters need clusters of 16 KiB or more
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
-                   3: "compression type (non-zlib)", 4: "extended L2 entries"}
+                   3: "compression type", 4: "extended L2 entries"}
 
 # Header extension types.
 EXT_END = 0x00000000
@@ -111,7 +112,9 @@ class Header:
                 self.fail(f"header_length {self.header_length} exceeds the first cluster")
         self._check_features(raw)
         if self.crypt_method != 0:
-            self.fail(f"encrypted images are not supported (crypt_method {self.crypt_method})")
+            how = {1: "AES", 2: "LUKS"}.get(self.crypt_method, "unknown")
+            self.fail(f"{how}-encrypted images are not supported (crypt_method "
+                      f"{self.crypt_method})")
         if self.refcount_order > 6:
             self.fail(f"refcount_order {self.refcount_order} is invalid (max 6)")
         if self.size > (1 << 63) - 1:
@@ -166,9 +169,17 @@ class Header:
                 self.cluster_bits < MIN_EXTL2_CLUSTER_BITS:
             self.fail(f"extended L2 entries need clusters of at least "
                       f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes (cluster_bits {self.cluster_bits})")
-        compression_type = raw[104] if self.header_length > 104 else 0
-        if compression_type and not bits & INCOMPAT_COMPRESSION:
-            self.fail(f"compression_type {compression_type} set without its feature bit")
+        self.compression_type = ctype = raw[104] if self.header_length > 104 else 0
+        if ctype and not bits & INCOMPAT_COMPRESSION:
+            self.fail(f"compression_type {ctype} set without its feature bit")
+        if bits & INCOMPAT_COMPRESSION:
+            if not ctype:
+                self.fail("compression type feature bit set, but compression_type is zlib")
+            try:
+                qcow2_compress.check(ctype)
+            except qcow2_compress.CompressionError as e:
+                self.fail(str(e))
+            bits &= ~INCOMPAT_COMPRESSION
         if bits:
             names = self._feature_names(raw)
             first = (bits & -bits).bit_length() - 1

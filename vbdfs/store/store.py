@@ -270,8 +270,11 @@ class Store:
 
     # --- lifecycle -----------------------------------------------------
     def create(self, name: str, disks: list[DiskSpec], directory: str | None = None,
-               os_name: str = "", primary: str = "", secondary: str = "") -> Manifest:
-        """Create an instance with new sparse disks. On any error nothing is left behind."""
+               os_name: str = "", primary: str = "", secondary: str = "",
+               ganeti: str | None = None) -> Manifest:
+        """Create an instance with new sparse disks. On any error nothing is left behind.
+
+        ganeti: "" for a Ganeti ExtStorage volume (see Manifest)."""
         self._check_root()
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
@@ -292,7 +295,7 @@ class Store:
                     os.mkdir(data_dir, 0o700)
                     made.append(data_dir)
                 m = Manifest(name=name, disks=[], os=os_name, primary=primary,
-                             secondary=secondary)
+                             secondary=secondary, ganeti=ganeti)
                 for i, spec in enumerate(disks):
                     path = os.path.join(data_dir, disk_name(i))
                     fmt = spec.format or "raw"
@@ -556,7 +559,8 @@ class Store:
         return d
 
     def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
-                      primary: str = "", secondary: str = "") -> Manifest:
+                      primary: str = "", secondary: str = "",
+                      ganeti: str | None = None) -> Manifest:
         """Create an instance whose disk files fill(staged_dir) writes (import).
 
         fill runs under the instance's lock with a fresh hidden directory next
@@ -595,7 +599,7 @@ class Store:
                     os.mkdir(meta_dir, 0o700)
                     made.append(meta_dir)
                 m = Manifest(name=name, os=os_name, primary=primary, secondary=secondary,
-                             disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
+                             ganeti=ganeti, disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
                                          path=os.path.join(data_dir, disk_name(i)))
                                     for i, s in enumerate(disks)])
                 self.save(m)
@@ -628,15 +632,18 @@ def _head(path: str, n: int, root: str | None) -> bytes:
 
 
 def probe_format(path: str, root: str) -> str:
-    """'qcow2' or 'raw' from the file's header. Only for adoption: the result is
-    recorded in the manifest and the file is never probed again."""
+    """'qcow2', 'qcow' (version 1) or 'raw' from the file's header. Only for
+    adoption: the result is recorded in the manifest and the file is never
+    probed again."""
     head = _head(path, 8, root)
     if head[:4] == qcow2_header.MAGIC:
         version = struct.unpack(">I", head[4:8])[0] if len(head) == 8 else 0
         if version in (2, 3):
             return "qcow2"
-        raise StoreError(f"{path} is a qcow version {version} image; only qcow2 (versions 2 "
-                         "and 3) is supported (convert it with qemu-img convert -O qcow2)")
+        if version == 1:
+            return "qcow"
+        raise StoreError(f"{path} is a qcow version {version} image; only versions 1 (qcow) "
+                         "2 and 3 (qcow2) are supported")
     return "raw"
 
 
