@@ -23,8 +23,10 @@ and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2
 unmaps), v2 zeroing over a backing file (in-place punches), clusters freed and
 then allocated again, grows (the L1 table moves), copy-on-write of clusters
 and L2 tables shared with an internal snapshot (made by qemu-img snapshot -c),
-and refcount growth (512-byte clusters: a new refcount block every 128 KiB,
-and the refcount table moves). The number of states checked is printed (pytest -s) and asserted.
+refcount growth (512-byte clusters: a new refcount block every 128 KiB,
+and the refcount table moves), extended L2 entries over a backing file, and
+the repair of a dirty image (lazy refcounts after a killed qemu-io) at open,
+whose dirty states are judged after their own repair. The number of states checked is printed (pytest -s) and asserted.
 """
 
 from __future__ import annotations
@@ -488,6 +490,25 @@ def test_power_loss_states_dirty_repair(tmp_path, monkeypatch):
     checker = Checker(tmp_path, repair_dirty=True)
     enumerate_states(trace, checker, "dirty")
     report("dirty-repair", trace, checker)
+    assert checker.checked >= 50
+
+
+def test_power_loss_states_extended_l2(tmp_path, monkeypatch):
+    """Subclusters (extended_l2=on, 16 KiB clusters: 512-byte subclusters) over a
+    backing file: allocation and zero bits, partial subclusters completed."""
+    base = tmp_path / "base.raw"
+    content = random.Random("extbase").randbytes(2 * MiB)
+    base.write_bytes(content)
+    path = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "extended_l2=on,cluster_size=16k", "-b", "base.raw", "-F", "raw",
+                    str(path), "2M"], check=True, cwd=tmp_path)
+    trace = run_workload(path, random_writes(random.Random("ext"), 2 * MiB, 40, 20000),
+                         monkeypatch)
+    trace.initial = content
+    checker = Checker(tmp_path)         # beside base.raw: it stays the states' backing
+    enumerate_states(trace, checker, "ext")
+    report("extended-l2-backing", trace, checker)
     assert checker.checked >= 50
 
 
