@@ -52,9 +52,23 @@ def open_regular(path: str, flags: int, root: str | None) -> int:
         try:    # the inode the handle holds, whatever the path names by now
             return os.open(f"/proc/self/fd/{handle}", flags | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError as e:
-            raise OSError(e.errno, e.strerror, path) from None
+            if e.errno != errno.ESTALE:
+                raise OSError(e.errno, e.strerror, path) from None
     finally:
         os.close(handle)
+    # ESTALE: another client of a network filesystem (Gluster, NFS) replaced
+    # the file since the lookup, and an inode cannot be looked up again. An
+    # open by path can: the kernel retries it with a fresh lookup. Checked on
+    # its descriptor like the first; non-blocking in case it is a FIFO by now.
+    fd = _open(path, flags | os.O_NOCTTY | os.O_NONBLOCK, root)
+    try:
+        _check_type(path, os.fstat(fd).st_mode)
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def stat_regular(path: str, root: str | None) -> os.stat_result:
