@@ -79,10 +79,10 @@ def serving(argv: list[str], mountpoint: str, what: str):
         proc.wait(timeout=60)
 
 
-def vbdfs_mount(store: Store, mnt: str):
+def vbdfs_mount(store: Store, mnt: str, extra_args=()):
     os.makedirs(mnt, exist_ok=True)
-    return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f"], mnt,
-                   "the vbdfs mount")
+    return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f", *extra_args],
+                   mnt, "the vbdfs mount")
 
 
 def qsd_export(image: str, fmt: str, export: str):
