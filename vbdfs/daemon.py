@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from . import config as config_mod
-from . import fuseloop
+from . import fuseloop, iopath
 from .fs import VbdFs
 from .store import Store
 
@@ -32,7 +32,7 @@ IGNORED_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users"
                    "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async",
                    "atime", "noatime", "relatime", "nofail", "_netdev"}
 FUSE_FLAGS = {"allow_other", "allow_root"}
-VALUED_OPTIONS = {"node", "config", "whitelist"}
+VALUED_OPTIONS = {"node", "config", "whitelist", "io"}
 
 
 class UsageError(Exception):
@@ -56,6 +56,9 @@ def parse_options(opts: list[str]) -> dict:
                 out["fuse"].add(name)
             elif name == "debug" and not eq:
                 out["debug"] = True
+            elif name == "io" and value not in iopath.MODES:
+                raise UsageError(f"io={value}: the I/O mode is one of "
+                                 f"{', '.join(iopath.MODES)}")
             elif name in VALUED_OPTIONS and eq and value:
                 out[name] = value
             else:
@@ -68,7 +71,10 @@ def parse_args(argv):
         prog="vbdfs",
         description="Serve a vbdfs store (raw and qcow2 disk images) as raw files over FUSE.",
         epilog="Options for -o: allow_other, allow_root, node=NAME, config=FILE, "
-               "whitelist=FILE, debug; generic mount options (rw, nosuid, nodev, "
+               "whitelist=FILE, debug, io=auto|inline|threads (how disk I/O runs: "
+               "inline on the daemon's thread, in worker threads so that requests "
+               "overlap on a slow store, or auto: threads only for requests that "
+               "would wait; default auto); generic mount options (rw, nosuid, nodev, "
                "_netdev, x-systemd.*, ...) are accepted and ignored. Defaults come from "
                "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG).")
     p.add_argument("store", nargs="?", help="the storage directory (default from the config file)")
@@ -134,7 +140,8 @@ async def serve(ops: VbdFs) -> None:
                     pyfuse3.terminate()
                     return
         nursery.start_soon(stop_on_signal)
-        await pyfuse3.main()
+        # Each task holds at most one request: this bounds memory (see iopath.py).
+        await pyfuse3.main(max_tasks=iopath.MAX_TASKS)
         nursery.cancel_scope.cancel()
 
 
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
         return 1
 
     setup_logging(args.foreground, opts["debug"])
-    ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node)
+    ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node,
+                io_mode=opts.get("io", "auto"))
     fuse_options = set(pyfuse3.default_options) | opts["fuse"]
     fuse_options |= {f"fsname={store_dir}", "subtype=vbdfs"}
     if opts["debug"]:

@@ -5,9 +5,9 @@
     /INSTANCE/sda          the disk's virtual contents, whatever its format
 
 This module only translates FUSE requests into store and Image calls. Image
-methods are synchronous and called straight from the handlers: on a 2-core
-Dom0 that beat handing each request to a thread (see DESIGN.md).
-The handlers never await; vbdfs/fuseloop.py relies on that.
+methods are synchronous; reads, writes and flushes go through the disk's
+DiskIO (iopath.py), which calls them straight from the handler or, on a slow
+store, in a worker thread. The other handlers never await.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import stat
 
 import pyfuse3
 
+from . import iopath
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
 from .images.confined import UnsafeFile, stat_regular
 from .store import Manifest, Store, leases
@@ -66,12 +67,14 @@ def contained(handler):
 
 
 class OpenDisk:
-    """One Image shared by every open file handle of a disk, and its write lease."""
+    """One Image shared by every open file handle of a disk, its request path
+    (DiskIO) and its write lease."""
 
-    __slots__ = ("image", "opens", "writable", "lease")
+    __slots__ = ("image", "io", "opens", "writable", "lease")
 
-    def __init__(self, image: Image, writable: bool, lease=None):
+    def __init__(self, image: Image, writable: bool, lease=None, io_mode: str = "auto"):
         self.image = image
+        self.io = iopath.DiskIO(image, io_mode)
         self.opens = 0
         self.writable = writable
         self.lease = lease
@@ -88,10 +91,11 @@ class OpenDisk:
 class VbdFs(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, node: str = ""):
+    def __init__(self, store: Store, node: str = "", io_mode: str = "auto"):
         super().__init__()
         self.store = store
         self.node = node
+        self.io_mode = io_mode                     # see iopath.py
         self._inode_of: dict[tuple, int] = {(): ROOT}
         self._key_of: dict[int, tuple] = {ROOT: ()}
         self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
@@ -346,10 +350,12 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is None or (writable and not od.writable):
             new = self._open_disk(key, writable)
-            if od is not None:       # upgrade a read-only Image to read-write
-                new.opens = od.opens
-                od.close()
-            od = self._open[inode] = new
+            old, self._open[inode] = od, new
+            if old is not None:      # upgrade a read-only Image to read-write
+                new.opens = old.opens
+                await old.io.idle()  # its requests in flight end on it first
+                old.close()
+            od = new
         if writable and od.image.read_only_reason:
             # Refused here, not at the first write: losetup, attach and guests
             # learn it at once (the engine may also find corruption while open).
@@ -389,7 +395,7 @@ class VbdFs(pyfuse3.Operations):
             image.close()
             lease.release()
             raise pyfuse3.FUSEError(errno.EROFS)
-        return OpenDisk(image, writable, lease)
+        return OpenDisk(image, writable, lease, self.io_mode)
 
     def _open_image(self, key: tuple, writable: bool) -> Image:
         disk = self._disk(key)
@@ -439,7 +445,7 @@ class VbdFs(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         try:
-            return self._open[fh].image.read(off, size)
+            return await self._open[fh].io.read(off, size)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception as e:          # ImageError, or a bug: this request fails, not the daemon
@@ -447,7 +453,8 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def write(self, fh, off, buf):
-        image = self._open[fh].image
+        od = self._open[fh]
+        image = od.image
         n = len(buf)
         if off + n > image.size:
             # A block device has no room past its end; the backing file never grows.
@@ -456,7 +463,7 @@ class VbdFs(pyfuse3.Operations):
             n = image.size - off
             buf = memoryview(buf)[:n]
         try:
-            image.write(off, buf)
+            await od.io.write(off, buf)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except OutOfRange:
@@ -468,17 +475,14 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
         return n
 
-    def _flush(self, fh: int) -> None:
-        self._open[fh].image.flush()      # errors: mapped by @contained on the callers
-
     @contained
     async def flush(self, fh):
         # close(): make everything written so far reach the backing file durably.
-        self._flush(fh)
+        await self._open[fh].io.flush()
 
     @contained
     async def fsync(self, fh, datasync):
-        self._flush(fh)
+        await self._open[fh].io.flush()
 
     @contained
     async def release(self, fh):
@@ -486,6 +490,7 @@ class VbdFs(pyfuse3.Operations):
         od.opens -= 1
         if od.opens == 0:
             del self._open[fh]
+            await od.io.idle()
             try:
                 od.close()
             except (OSError, ImageError) as e:

@@ -1,0 +1,240 @@
+"""How a disk's reads, writes and flushes run: inline on the daemon's one
+trio thread, or handed to a bounded pool of worker threads so that requests
+overlap while they wait for a slow store.
+
+The daemon option io= chooses, for all disks:
+
+  inline   every request runs on the request loop's thread, one at a time.
+           Fastest on a local store: handing a 4 KiB page-cache read to a
+           thread costs more than the read.
+  threads  every read, write and flush runs in a worker thread.
+  auto     (default) inline when the request would not wait for the store,
+           in a worker thread when it would and other requests are queued or
+           in flight (a lone request gains nothing from a thread):
+           - raw reads (and writes where the filesystem allows it) try
+             preadv2/pwritev2 with RWF_NOWAIT inline: EAGAIN means "would
+             wait". Local filesystems support it for reads; FUSE clients
+             (GlusterFS) and ext4's buffered writes answer EOPNOTSUPP, and
+           - there the disk's observed latency decides: a moving average of
+             each request's time in the image over SLOW_NS sends requests to
+             threads, under FAST_NS brings them back inline.
+           Flushes run in a thread (fsync waits for the store).
+
+Raw images need no lock: their requests are independent preads and
+pwrites. A qcow2 image is entered by one request at a time (a per-image
+lock held across the whole request, thread hand-off included): its engine
+keeps metadata caches that are not safe for two callers at once.
+
+Bounds: at most THREADS worker threads for the daemon, and pyfuse3 runs at
+most MAX_TASKS request tasks (each holds one request and its buffer, up to
+1 MiB), whatever the guests' queue depth.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import trio
+
+from . import fuseloop
+
+MODES = ("auto", "inline", "threads")
+THREADS = 16
+MAX_TASKS = 2 * THREADS
+# A request taking longer than this on average is "waiting for the store".
+# A thread hand-off costs ~50 us of the loop's time on a 2-core Dom0.
+SLOW_NS = 200_000
+FAST_NS = 50_000
+
+_limiter: trio.CapacityLimiter | None = None
+_handed_off = 0         # requests in (or waiting for) a worker thread, all disks
+
+
+async def in_thread(fn, *args):
+    global _limiter, _handed_off
+    if _limiter is None:
+        _limiter = trio.CapacityLimiter(THREADS)
+    _handed_off += 1
+    try:
+        # Not abandoned on cancel: a write must finish before it is answered.
+        return await trio.to_thread.run_sync(fn, *args, limiter=_limiter)
+    finally:
+        _handed_off -= 1
+
+
+def others_waiting() -> bool:
+    """Would a thread let this request overlap with another one?"""
+    return _handed_off > 0 or fuseloop.requests_waiting()
+
+
+class Latency:
+    """A moving average of one kind of request's time in the image (ns)."""
+
+    __slots__ = ("average", "slow")
+
+    def __init__(self):
+        self.average = 0.0
+        self.slow = False
+
+    def timed(self, fn, *args):
+        start = time.perf_counter_ns()
+        try:
+            return fn(*args)
+        finally:
+            self.note(time.perf_counter_ns() - start)
+
+    def note(self, ns: int) -> None:
+        self.average += (ns - self.average) / 8
+        if self.slow:
+            self.slow = self.average > FAST_NS
+        else:
+            self.slow = self.average > SLOW_NS
+
+
+class DiskIO:
+    """One open disk's request path: its Image and the mode to call it in."""
+
+    def __init__(self, image, mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"unknown I/O mode {mode!r} (known: {', '.join(MODES)})")
+        self.image = image
+        self.mode = mode
+        raw = image.format == "raw"
+        self.lock = None if raw else trio.Lock()
+        # RWF_NOWAIT: tried on raw images until the filesystem says it has none.
+        self.read_nowait = self.write_nowait = raw
+        self.read_latency = Latency()
+        self.write_latency = Latency()
+        self._tickets = 0
+        self._active: dict[int, bool] = {}      # requests not done: ticket -> is a write
+        self._done: trio.Event | None = None    # set when one of them ends
+
+    async def read(self, off: int, size: int):
+        if self.mode == "inline":
+            return self.image.read(off, size)
+        if self.lock is not None:
+            return await self._locked(False, self.read_latency, self.image.read, off, size)
+        if self.mode == "auto" and self.read_nowait:
+            try:
+                data = self.image.read_nowait(off, size)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self.read_nowait = False
+            else:
+                if data is not None:
+                    return data
+                if others_waiting():
+                    return await self._thread(False, self.image.read, off, size)
+                return self.image.read(off, size)
+        return await self._run(False, self.read_latency, self.image.read, off, size)
+
+    async def write(self, off: int, data) -> None:
+        if self.mode == "inline":
+            return self.image.write(off, data)
+        if self.lock is not None:
+            return await self._locked(True, self.write_latency, self.image.write, off, data)
+        if self.mode == "auto" and self.write_nowait:
+            try:
+                n = self.image.write_nowait(off, data)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self.write_nowait = False
+            else:
+                if n == len(data):
+                    return
+                off, data = off + n, memoryview(data)[n:]
+                if others_waiting():
+                    return await self._thread(True, self.image.write, off, data)
+                return self.image.write(off, data)
+        return await self._run(True, self.write_latency, self.image.write, off, data)
+
+    async def flush(self) -> None:
+        """Make every write answered before this flush durable: wait for the
+        writes still in flight that started before it, then flush the image."""
+        if self.mode == "inline":
+            return self.image.flush()
+        ticket = self._begin(False)
+        try:
+            await self._wait(lambda: any(w and t < ticket for t, w in self._active.items()))
+            if self.lock is not None:
+                async with _Held(self.lock):
+                    return await in_thread(self.image.flush)
+            return await in_thread(self.image.flush)
+        finally:
+            self._end(ticket)
+
+    async def idle(self) -> None:
+        """Wait until no request of this disk is in flight: then its Image
+        can be closed."""
+        await self._wait(lambda: self._active)
+
+    # --- how a request runs -----------------------------------------------------
+    async def _run(self, is_write: bool, latency: Latency, fn, *args):
+        """In a thread in mode threads; else inline (timed) while the disk is
+        fast, in a thread when it is slow and another request can overlap."""
+        if self.mode == "threads":
+            return await self._thread(is_write, fn, *args)
+        if latency.slow and others_waiting():
+            return await self._thread(is_write, latency.timed, fn, *args)
+        return latency.timed(fn, *args)
+
+    async def _thread(self, is_write: bool, fn, *args):
+        ticket = self._begin(is_write)
+        try:
+            return await in_thread(fn, *args)
+        finally:
+            self._end(ticket)
+
+    async def _locked(self, is_write: bool, latency: Latency, fn, *args):
+        """The whole request under the image's lock (qcow2)."""
+        ticket = self._begin(is_write)
+        try:
+            async with _Held(self.lock):
+                if self.mode == "threads" or (latency.slow and others_waiting()):
+                    return await in_thread(latency.timed, fn, *args)
+                return latency.timed(fn, *args)
+        finally:
+            self._end(ticket)
+
+    # --- bookkeeping of the requests that await -----------------------------------
+    # (one that runs inline ends before any other request of the disk begins)
+    def _begin(self, is_write: bool) -> int:
+        ticket = self._tickets
+        self._tickets += 1
+        self._active[ticket] = is_write
+        return ticket
+
+    def _end(self, ticket: int) -> None:
+        del self._active[ticket]
+        if self._done is not None:
+            self._done.set()
+            self._done = None
+
+    async def _wait(self, pending) -> None:
+        while pending():
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
+
+
+class _Held:
+    """`async with lock`, without a trio checkpoint when the lock is free: an
+    inline request must not yield (that would cost the fast request loop its
+    speed, see fuseloop.py)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: trio.Lock):
+        self.lock = lock
+
+    async def __aenter__(self):
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def __aexit__(self, *exc):
+        self.lock.release()
