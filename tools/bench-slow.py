@@ -1,7 +1,8 @@
 """Benchmark vbdfs against qemu-storage-daemon on a slow (network) store.
 
 Run as root through tools/bench-slow. By default it builds the slow store
-itself: glusterd (started here, stopped at the end), a one-brick GlusterFS
+itself, in private mount and network namespaces so that it meets no other
+glusterd: glusterd (started here, stopped at the end), a one-brick GlusterFS
 volume on 127.0.0.2, Gluster's debug/delay-gen translator on the brick
 delaying every READ and WRITE by --delay microseconds, and a glusterfs
 client mount. With --store DIR it uses that directory instead (an NFS mount,
@@ -51,28 +52,32 @@ def gluster(*args, check=True):
     return r
 
 
-def running_glusterd() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/comm") as f:
-                if entry.isdigit() and f.read().strip() == "glusterd":
-                    pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
+GLUSTER_STATE = ("/var/lib/glusterd", "/run/gluster", "/var/log/glusterfs")
+NAMESPACED = "VBDFS_BENCH_SLOW_NAMESPACED"
+
+
+def reexec_in_namespaces() -> None:
+    """Run this script again in its own mount and network namespaces:
+    glusterd is one per machine (its port, its state directories), and a
+    test's or another user's may be running."""
+    os.environ[NAMESPACED] = "1"
+    os.execvp("unshare", ["unshare", "--mount", "--net", "--propagation", "private",
+                          sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+
+
+def private_gluster_state(work: str) -> None:
+    """Empty Gluster state directories, seen in our mount namespace only."""
+    run("ip", "link", "set", "lo", "up")
+    for i, path in enumerate(GLUSTER_STATE):
+        private = os.path.join(work, f"gluster-state-{i}")
+        os.makedirs(private, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+        run("mount", "--bind", private, path)
 
 
 @contextlib.contextmanager
-def glusterd(work: str, wait: int):
-    """Start glusterd for this run and stop it afterwards. glusterd is one per
-    machine: wait for another one (a test's) to go away rather than share it."""
-    deadline = time.monotonic() + wait
-    while running_glusterd():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench-slow: glusterd is already running (pid "
-                             f"{running_glusterd()[0]}); this script starts and stops its own")
-        time.sleep(5)
+def glusterd(work: str):
+    """glusterd for this run (in our namespaces), stopped at the end."""
     log = os.path.join(work, "glusterd.log")
     proc = subprocess.Popen(["glusterd", "-N", f"--log-file={log}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -199,8 +204,6 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated workload name filters")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options for the vbdfs daemon (e.g. io=threads)")
-    p.add_argument("--wait-glusterd", type=int, default=600, metavar="SECONDS",
-                   help="how long to wait for another glusterd to exit (default 600)")
     p.add_argument("--workdir", help="where to put local files (default: a temp dir in /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
@@ -213,6 +216,8 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"bench-slow: {tool} is missing (run tools/setup)", file=sys.stderr)
             return 1
+    if not args.store and os.environ.get(NAMESPACED) != "1":
+        reexec_in_namespaces()
     work = args.workdir or tempfile.mkdtemp(prefix="vbdfs-bench-slow-", dir="/var/tmp")
     size = args.size * MiB
     options = [f"-o{o}" for o in args.options]
@@ -224,8 +229,9 @@ def main() -> int:
         if args.store:
             results = bench_store(work, args.store, size, args, options)
         else:
+            private_gluster_state(work)
             volume = f"vbdfs-bench-slow-{os.getpid()}"
-            with glusterd(work, args.wait_glusterd), gluster_volume(work, volume) as mnt:
+            with glusterd(work), gluster_volume(work, volume) as mnt:
                 # The images are written first, undelayed; then the delay goes on.
                 results = bench_store(work, mnt, size, args, options,
                                       before_runs=lambda: set_delay(volume, args.delay))
