@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench import MiB, fio, qsd_export, ratio, run, vbdfs_mount  # noqa: E402
+from bench import REPO, MiB, fio, qsd_export, ratio, run, vbdfs_mount  # noqa: E402
 
 from vbdfs.store import DiskSpec, Store  # noqa: E402
 
@@ -98,8 +98,10 @@ def glusterd(work: str):
 
 
 @contextlib.contextmanager
-def gluster_volume(work: str, name: str):
-    """A started one-brick volume mounted at WORK/gluster; yields the mount path."""
+def gluster_volume(work: str, name: str, delay_us: int):
+    """A started one-brick volume mounted at WORK/gluster, every READ and WRITE
+    on its brick delayed by delay_us (Gluster's own fault injection); yields
+    the mount path."""
     brick = os.path.join(work, "brick")
     os.makedirs(brick, exist_ok=True)
     gluster("volume", "create", name, f"{HOST}:{brick}", "force")
@@ -109,6 +111,13 @@ def gluster_volume(work: str, name: str):
         # A vbdfs store needs these off (see tests/test_failover_gluster.py).
         for option in ("performance.open-behind", "performance.stat-prefetch"):
             gluster("volume", "set", name, option, "off")
+        # Before the start: a translator added to a running brick's graph
+        # stays out of it until the brick restarts (measured: no delay).
+        for option, value in (("debug.delay-gen", "posix"),
+                              ("delay-gen.delay-percentage", "100"),
+                              ("delay-gen.delay-duration", str(delay_us)),
+                              ("delay-gen.enable", "READ,WRITE")):
+            gluster("volume", "set", name, option, value)
         gluster("volume", "start", name)
         run("mount", "-t", "glusterfs", f"{HOST}:/{name}", mnt)
         try:
@@ -118,16 +127,6 @@ def gluster_volume(work: str, name: str):
     finally:
         gluster("volume", "stop", name, "force", check=False)
         gluster("volume", "delete", name, check=False)
-
-
-def set_delay(volume: str, delay_us: int) -> None:
-    """Delay every READ and WRITE on the brick (Gluster's own fault injection)."""
-    for option, value in (("debug.delay-gen", "posix"),
-                          ("delay-gen.delay-percentage", "100"),
-                          ("delay-gen.delay-duration", str(delay_us)),
-                          ("delay-gen.enable", "READ,WRITE")):
-        gluster("volume", "set", volume, option, value)
-    time.sleep(2)       # clients pick up the new graph
 
 
 def drop_caches() -> None:
@@ -156,8 +155,7 @@ def prepare(work: str, store_dir: str, size: int) -> tuple[Store, str]:
     return store, qsd_image
 
 
-def bench_store(work: str, store_dir: str, size: int, args, options: list[str],
-                before_runs=None) -> dict:
+def bench_store(work: str, store_dir: str, size: int, args, options: list[str]) -> dict:
     store, qsd_image = prepare(work, store_dir, size)
     mnt = os.path.join(work, "mnt")
     export = os.path.join(work, "qsd.export")
@@ -165,9 +163,7 @@ def bench_store(work: str, store_dir: str, size: int, args, options: list[str],
     only = {o for o in args.only.split(",") if o}
     results = {}
     try:
-        if before_runs:
-            before_runs()
-        with vbdfs_mount(store, mnt, options), qsd_export(qsd_image, "raw", export):
+        with vbdfs_mount(store, mnt, options, args.tree), qsd_export(qsd_image, "raw", export):
             for name, rw, bs, depth in WORKLOADS:
                 if only and not any(o in name for o in only):
                     continue
@@ -204,6 +200,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated workload name filters")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options for the vbdfs daemon (e.g. io=threads)")
+    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
+                   "(e.g. an unpacked `git archive` of another version, to compare)")
     p.add_argument("--workdir", help="where to put local files (default: a temp dir in /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
@@ -223,18 +221,16 @@ def main() -> int:
     options = [f"-o{o}" for o in args.options]
     where = args.store or f"GlusterFS on {HOST}, delay-gen {args.delay} us on READ and WRITE"
     print(f"bench-slow: {args.size} MiB raw image on {where}; {args.runtime}s per job, "
-          f"median of {args.rounds}, page cache dropped before each run; vbdfs options: "
-          f"{','.join(args.options) or '(none)'}", flush=True)
+          f"median of {args.rounds}, page cache dropped before each run; vbdfs from "
+          f"{args.tree}, options: {','.join(args.options) or '(none)'}", flush=True)
     try:
         if args.store:
             results = bench_store(work, args.store, size, args, options)
         else:
             private_gluster_state(work)
             volume = f"vbdfs-bench-slow-{os.getpid()}"
-            with glusterd(work), gluster_volume(work, volume) as mnt:
-                # The images are written first, undelayed; then the delay goes on.
-                results = bench_store(work, mnt, size, args, options,
-                                      before_runs=lambda: set_delay(volume, args.delay))
+            with glusterd(work), gluster_volume(work, volume, args.delay) as mnt:
+                results = bench_store(work, mnt, size, args, options)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -26,7 +26,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
 from vbdfs.store import DiskSpec, Store  # noqa: E402
 
@@ -68,9 +69,9 @@ def fio(path: str, rw: str, bs: str, depth: int, size: int, runtime: int) -> dic
 
 
 @contextlib.contextmanager
-def serving(argv: list[str], mountpoint: str, what: str):
+def serving(argv: list[str], mountpoint: str, what: str, cwd: str = REPO):
     """Run a FUSE server until it has mounted mountpoint; SIGTERM it at the end."""
-    proc = subprocess.Popen(argv, cwd=os.path.dirname(HERE))
+    proc = subprocess.Popen(argv, cwd=cwd)
     try:
         wait_for(lambda: os.path.ismount(mountpoint), what)
         yield
@@ -79,10 +80,11 @@ def serving(argv: list[str], mountpoint: str, what: str):
         proc.wait(timeout=60)
 
 
-def vbdfs_mount(store: Store, mnt: str, extra_args=()):
+def vbdfs_mount(store: Store, mnt: str, extra_args=(), tree: str = REPO):
+    """The vbdfs daemon of the source tree `tree` (another version, to compare)."""
     os.makedirs(mnt, exist_ok=True)
     return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f", *extra_args],
-                   mnt, "the vbdfs mount")
+                   mnt, "the vbdfs mount", cwd=tree)
 
 
 def qsd_export(image: str, fmt: str, export: str):
