@@ -41,3 +41,29 @@ def test_fio_verify_at_queue_depth_64(store, mount, tmp_path, fmt, io):
     if fmt == "qcow2":
         r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_request_loop_with_queue_drained_between_bursts(store, mount, tmp_path):
+    """Bursts of 16 reads, each waited for in full, so the kernel's queue
+    empties between bursts, in worker threads: a request the fast request
+    loop takes must not be the one another task was woken for (that task
+    then blocked in read(2) on /dev/fuse, with the burst's answers waiting
+    behind it: the old fuseloop hung here within a few hundred bursts)."""
+    make_instance(store, "web", 64 * MiB)
+    m = mount(["-o", "io=threads"])
+    proc = subprocess.Popen(
+        ["fio", "--name=bursts", f"--filename={m.disk('web')}", "--rw=randread", "--bs=4k",
+         "--iodepth=16", "--iodepth_batch_submit=16", "--iodepth_batch_complete_min=16",
+         "--ioengine=libaio", "--direct=1", "--size=64M", "--io_size=48M",
+         "--output-format=json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        m.stop()            # the stuck daemon goes, so fio can end
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the request loop hung: a burst's requests were never answered")
+    assert proc.returncode == 0, out[-2000:] + err
+    assert json.loads(out[out.index("{"):])["jobs"][0]["read"]["io_bytes"] == 48 * MiB
+    assert m.stop() == 0
