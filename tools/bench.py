@@ -112,7 +112,7 @@ def prepare_images(work: str, fmt: str, size: int) -> dict:
     return images
 
 
-def bench_format(work: str, fmt: str, size: int, runtime: int, only: set) -> dict:
+def bench_format(work: str, fmt: str, size: int, runtime: int, only: set, args) -> dict:
     images = prepare_images(work, fmt, size)
     store = Store(os.path.join(work, f"store-{fmt}"))
     os.makedirs(store.root, exist_ok=True)
@@ -126,7 +126,8 @@ def bench_format(work: str, fmt: str, size: int, runtime: int, only: set) -> dic
     if "direct" in images:
         paths["direct"] = images["direct"]
     results = {}
-    with vbdfs_mount(store, mnt), qsd_export(images["qsd"], fmt, export):
+    vbdfs = vbdfs_mount(store, mnt, [f"-o{o}" for o in args.options], args.tree)
+    with vbdfs, qsd_export(images["qsd"], fmt, export):
         for name, rw, bs, depth in WORKLOADS:
             if only and not any(o in name for o in only):
                 continue
@@ -163,6 +164,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (>= 1024)")
     p.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
     p.add_argument("--only", default="", help="comma-separated workload name filters")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options for the vbdfs daemon (e.g. io=threads)")
+    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
+                   "(e.g. an unpacked `git archive` of another version, to compare)")
     p.add_argument("--workdir", help="where to put images (default: a temp dir under /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
@@ -179,7 +184,7 @@ def main() -> int:
     all_results = {}
     try:
         for fmt in args.formats.split(","):
-            all_results[fmt] = bench_format(work, fmt, args.size * MiB, args.runtime, only)
+            all_results[fmt] = bench_format(work, fmt, args.size * MiB, args.runtime, only, args)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
