@@ -52,7 +52,10 @@ class Mount:
         # prefix: a command that runs the daemon, e.g. nsenter into another namespace
         self.store = store
         self.path = path
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except FileExistsError:        # a dead mount a killed daemon left there
+            pass
         self.log = open(path + ".log", "w+")
         # VBDFS_TEST_IO=threads runs every mount's disk I/O in worker threads.
         io = ("-o", f"io={os.environ['VBDFS_TEST_IO']}") if os.environ.get("VBDFS_TEST_IO") else ()

@@ -79,7 +79,7 @@ exec(PAYLOAD)   # the parent regenerates the child's data from (seed, seq)
 
 
 def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.0,
-              small_caches=False):
+              small_caches=False, nslots=NSLOTS):
     """Run the writer until killed; return (intents, last acknowledged seq)."""
     env = dict(os.environ)
     if small_caches:
@@ -87,7 +87,7 @@ def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.
     if crash_at:
         env["CRASH_AT_PWRITE"] = str(crash_at)
     proc = subprocess.Popen(
-        [sys.executable, "-c", PAYLOAD + CHILD, str(path), seed, str(SLOT), str(NSLOTS),
+        [sys.executable, "-c", PAYLOAD + CHILD, str(path), seed, str(SLOT), str(nslots),
          str(start_seq)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     buf = b""
@@ -119,7 +119,7 @@ def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.
     return intents, acked
 
 
-def verify_and_advance(path, seed, model, intents, acked):
+def verify_and_advance(path, seed, model, intents, acked, nslots=NSLOTS):
     """Apply acknowledged ops to the model; check them; adopt what is on disk for the rest."""
     r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     assert r.returncode in (0, 3), f"qemu-img check found corruption:\n{r.stdout}{r.stderr}"
@@ -131,7 +131,7 @@ def verify_and_advance(path, seed, model, intents, acked):
         off = s * SLOT + start
         model[off:off + length] = payload(seed, seq, length) if kind == "w" else bytes(length)
     with Qcow2Image(str(path), read_only=True) as img:
-        for s in range(NSLOTS):
+        for s in range(nslots):
             got = img.read(s * SLOT, SLOT)
             want = model[s * SLOT:(s + 1) * SLOT]
             if s in unsure:
@@ -180,3 +180,24 @@ def test_crash_at_nth_pwrite(tmp_path, cs, small_caches):
         img.write(0, b"after the storm")
     r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     assert r.returncode in (0, 3), r.stdout
+
+
+def test_crash_at_nth_pwrite_while_reusing(tmp_path):
+    """Six slots only: the same clusters are freed and reused again and again, so
+    crashes land between a free reaching the file and the cluster's reuse (a reused
+    cluster still pointed at from disk would show as corruption or lost data)."""
+    cs, nslots = 4096, 6
+    path = tmp_path / "crash.qcow2"
+    Qcow2Image.create(str(path), 64 * MiB, cluster_size=cs).close()
+    model = bytearray(64 * MiB)
+    rng = random.Random("reuse")
+    seq = 0
+    for it in range(10):
+        seed = f"r{it}"
+        intents, acked = run_child(path, seed, seq, crash_at=rng.randrange(5, 600),
+                                   nslots=nslots)
+        verify_and_advance(path, seed, model, intents, acked, nslots=nslots)
+        if intents:
+            seq = intents[-1][0]
+    # Without reuse, every copy-on-write took a new cluster at the end of the file.
+    assert os.path.getsize(path) < 2 * MiB, os.path.getsize(path)

@@ -75,7 +75,9 @@ HEADER_CASES = [
     ("refcount_table_unaligned", [(">Q", 48, 0x10000 + 8)], "refcount table .* aligned"),
     ("unknown_incompat_bit", [(">Q", 72, 1 << 10)], "incompatible feature bit 10"),
     ("external_data_file", [(">Q", 72, 1 << 2)], "external data file"),
-    ("zstd_compression", [(">Q", 72, 1 << 3), (">B", 104, 1)], "compression type"),
+    ("unknown_compression_type", [(">Q", 72, 1 << 3), (">B", 104, 2)],
+     "unknown compression type 2"),
+    ("compression_bit_with_zlib", [(">Q", 72, 1 << 3)], "compression_type is zlib"),
     ("extended_l2", [(">Q", 72, 1 << 4)], "extended L2"),
     ("encrypted_aes", [(">I", 32, 1)], "encrypt"),
     ("encrypted_luks", [(">I", 32, 2)], "encrypt"),
@@ -198,16 +200,127 @@ def test_bad_l2_entry_fails_at_access(good, tmp_path, entry, match):
     assert_good_still_opens(good)
 
 
-def test_l2_entry_pointing_at_metadata_is_not_written(good, tmp_path):
-    data = good.read_bytes()
-    l1_off = struct.unpack_from(">Q", data, 40)[0]
-    l2 = _l2_entry_offset(good)
-    # guest cluster 0 "is" the L1 table: a write there would corrupt the image
-    path = patched(good, tmp_path, "overlap", (">Q", l2, (1 << 63) | l1_off))
-    before = sha(path)
+COMPRESSED, COPIED, ZERO_FLAG = 1 << 62, 1 << 63, 1
+# A compressed descriptor of a 64 KiB-cluster image: offset in bits 0..53,
+# (sectors - 1) in bits 54..61.
+def _compressed(offset, sectors):
+    return COMPRESSED | (sectors - 1) << 54 | offset
+
+
+# In the qemu-made images: header 0x0, refcount table 0x10000, refcount block
+# 0x20000, L1 0x30000, L2 0x40000, data 0x50000 and 0x60000; with a snapshot
+# also its L1 at 0x70000 and the snapshot table at 0x80000.
+OVERLAP_CASES = [
+    ("compressed_on_header", _compressed(0, 1), "the header"),
+    ("compressed_over_block_and_l1", _compressed(0x2FE00, 4), "a refcount block"),
+    ("l1_without_copied", 0x30000, "the L1 table"),
+    ("refcount_block", 0x20000, "a refcount block"),
+    ("refcount_table", 0x10000, "the refcount table"),
+    ("own_l2_table", 0x40000, "an L2 table"),
+    ("preallocated_zero_on_l1", 0x30000 | ZERO_FLAG, "the L1 table"),
+    ("copied_on_refcount_block", COPIED | 0x20000, "a refcount block"),
+    ("snapshot_table", 0x80000, "the snapshot table"),
+    ("snapshot_l1", 0x70000, "a snapshot's L1 table"),
+]
+
+
+def hostile_image(good, tmp_path, entry, snapshot):
+    """The good image (with an internal snapshot if asked) whose guest cluster 0
+    maps to `entry`."""
+    if snapshot:
+        qemu_img("snapshot", "-c", "s1", good)
+        assert struct.unpack_from(">IQ", good.read_bytes(), 60) == (1, 0x80000)
+    return patched(good, tmp_path, "hostile", (">Q", _l2_entry_offset(good), entry))
+
+
+def assert_only_marked_corrupt(path, before):
+    """Nothing but the corrupt bit changed; qemu-img still opens the image."""
+    want = bytearray(before)
+    want[79] |= 2
+    assert path.read_bytes() == want
+    info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
+    assert info.returncode == 0 and "corrupt: true" in info.stdout, info.stdout + info.stderr
+    check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert check.returncode in (0, 2, 3), check.stdout + check.stderr   # 1: could not check
+
+
+@pytest.mark.parametrize("op", ["write", "zero"])
+@pytest.mark.parametrize("name,entry,what", OVERLAP_CASES, ids=[c[0] for c in OVERLAP_CASES])
+def test_data_pointer_into_metadata_is_refused(good, tmp_path, name, entry, what, op):
+    """A guest cluster mapped onto metadata: writing or zeroing it (then flushing)
+    used to free and punch the header, the L1 table or a refcount block, or to
+    leave them at refcount 0. Now the request fails, nothing changes but the
+    corrupt bit (set as qemu does), and the image stays readable."""
+    path = hostile_image(good, tmp_path, entry, snapshot=name.startswith("snapshot"))
+    before = path.read_bytes()
+    img = Qcow2Image(str(path))
+    try:
+        with pytest.raises(ImageError, match=f"guest offset 0x0 would hit image metadata: "
+                                             f"{what}.*the image is corrupt") as exc:
+            if op == "write":
+                img.write(0, b"\xee" * 65536)
+            else:
+                img.zero(0, 65536)
+        assert str(path) in str(exc.value)
+        assert img.read_only and "corrupt" in img.read_only_reason
+        with pytest.raises(ReadOnlyImage, match="corrupt"):
+            img.write(65536, b"x")
+        img.flush()
+        assert img.read(65536, 4) == b"\x5a" * 4       # the rest still reads
+    finally:
+        img.close()
+    assert_only_marked_corrupt(path, before)
+    with Qcow2Image(str(path)) as again:                # read-only from now on
+        assert again.read_only and "marked corrupt" in again.read_only_reason
+
+
+def test_free_cluster_that_is_metadata_is_not_reused(good, tmp_path):
+    """The L1 table counted 0 (in-use metadata that looks free): allocation, which
+    reuses free clusters now, must not hand it out for guest data."""
+    path = patched(good, tmp_path, "l1_free", (">H", 0x20000 + 2 * 3, 0))
+    before = path.read_bytes()
     with Qcow2Image(str(path)) as img:
-        with pytest.raises(ImageError, match="metadata"):
-            img.write(0, b"evil" * 128)
+        with pytest.raises(ImageError, match="would hit image metadata: the L1 table "
+                                             r"\(cluster 3\)"):
+            img.write(4 * MiB, b"new data")
+        assert img.read(0, 4) == b"\x5a" * 4
+    assert_only_marked_corrupt(path, before)
+
+
+def test_writes_before_the_hit_are_kept(good, tmp_path):
+    """The refused request changes nothing; what the guest wrote before it (not yet
+    flushed) still reaches the file, so the repaired image holds it."""
+    path = hostile_image(good, tmp_path, 0x30000, snapshot=False)
+    with Qcow2Image(str(path)) as img:
+        img.write(5 * 65536 + 7, b"kept")
+        with pytest.raises(ImageError, match="the L1 table"):
+            img.write(0, b"\xee" * 65536)
+    subprocess.run(["qemu-img", "check", "-q", "-r", "all", str(path)], capture_output=True)
+    with Qcow2Image(str(path)) as img:
+        assert not img.read_only
+        assert img.read(5 * 65536 + 7, 4) == b"kept"
+        assert img.read(65536, 4) == b"\x5a" * 4
+
+
+@pytest.mark.parametrize("case,match", [
+    ("l1_on_itself", "the L2 table of L1 entry 0 at 0x30000 overlaps the L1 table"),
+    ("two_l1_entries_one_l2", "the L2 table of L1 entry 1 at 0x40000 overlaps an L2 table"),
+    ("l2_on_refcount_table", "the refcount table at 0x10000 overlaps an L2 table"),
+    ("snapshot_l1_on_refcount_table", "the refcount table at 0x10000 overlaps a snapshot's L1"),
+])
+def test_metadata_overlapping_metadata_refused_for_writing(good, tmp_path, case, match):
+    qemu_img("snapshot", "-c", "s1", good)
+    l1 = 0x30000
+    patches = {"l1_on_itself": [(">Q", l1, l1)],
+               "two_l1_entries_one_l2": [(">I", 36, 2), (">Q", l1 + 8, 0x40000)],
+               "l2_on_refcount_table": [(">Q", l1, 0x10000)],
+               "snapshot_l1_on_refcount_table": [(">Q", 0x80000, 0x10000)]}[case]
+    path = patched(good, tmp_path, case, *patches)
+    before = sha(path)
+    with pytest.raises(ImageError, match=match):
+        Qcow2Image(str(path))
+    with Qcow2Image(str(path), read_only=True) as img:
+        img.read(0, 4)
     assert sha(path) == before
 
 
@@ -337,7 +450,7 @@ def test_huge_hostile_l1_is_cheap_to_refuse(tmp_path):
         f.write(struct.pack(">Q", end))
     tracemalloc.start()
     try:
-        with pytest.raises(ImageError, match="L1 entry [0-9]+ .* outside the file"):
+        with pytest.raises(ImageError, match="L1 entry [0-9]+ .* (outside the file|overlaps)"):
             Qcow2Image(str(path))
         peak = tracemalloc.get_traced_memory()[1]
     finally:

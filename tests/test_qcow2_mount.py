@@ -48,7 +48,7 @@ def test_qcow2_disk_reads_writes_and_stays_valid(store, mounted):
     finally:
         os.close(fd)
     # After fsync the image file alone holds everything: qemu-img agrees.
-    assert qemu_img("check", backing(store, "web")).returncode == 0
+    assert qemu_img("check", "-U", backing(store, "web")).returncode == 0
     info = json.loads(qemu_img("info", "--output=json", "-U", backing(store, "web")).stdout)
     assert info["format"] == "qcow2" and info["virtual-size"] == GiB
     assert os.path.getsize(backing(store, "web")) < 4 * MiB + 2 * MiB   # sparse
@@ -171,3 +171,43 @@ def test_ext4_on_loop_over_qcow2_disk(store, mounted, tmp_path):
     qemu_img("convert", "-f", "qcow2", "-O", "raw", backing(store, "web"), str(raw))
     fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
+
+
+def test_write_into_metadata_is_eio_and_changes_nothing(store, mounted):
+    """A hostile image maps guest cluster 0, as a compressed cluster, onto its own
+    header. Writing that cluster and fsyncing used to free and punch out the header
+    (the image never opened again). Now the write fails with EIO, the image only
+    gets its corrupt bit, still reads, and the other disks keep serving."""
+    import struct
+    make_instance(store, "bad", 16 * MiB, fmt="qcow2")
+    make_instance(store, "good", MiB, fmt="qcow2")
+    path = backing(store, "bad")
+    os.unlink(path)
+    qemu_img("create", "-q", "-f", "qcow2", path, "16M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 128k", path],
+                   check=True, capture_output=True)
+    with open(path, "r+b") as f:
+        l1 = struct.unpack(">Q", os.pread(f.fileno(), 8, 40))[0]
+        l2 = struct.unpack(">Q", os.pread(f.fileno(), 8, l1))[0] & 0x00FFFFFFFFFFFE00
+        os.pwrite(f.fileno(), struct.pack(">Q", 1 << 62), l2)    # compressed, at offset 0
+    before = open(path, "rb").read()
+    fd = os.open(mounted.disk("bad"), os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"\xee" * 65536, 0)
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 4, 65536) == b"\x5a" * 4
+    finally:
+        os.close(fd)
+    with open(mounted.disk("good"), "r+b") as f:      # the others keep working
+        f.write(b"fine")
+        f.flush()
+        os.fsync(f.fileno())
+    want = bytearray(before)
+    want[79] |= 2                                      # the corrupt bit, as qemu sets it
+    assert open(path, "rb").read() == want
+    info = qemu_img("info", "-U", path)
+    assert "corrupt: true" in info.stdout
+    assert qemu_img("check", "-U", path, check=False).returncode in (0, 2, 3)
+    assert "would hit image metadata: the header" in mounted.output()

@@ -124,12 +124,16 @@ def test_adopt_leaves_files_alone_on_error(store):
     assert [(x.format, x.driver, x.size) for x in m.disks] == [("raw", "qdisk", MiB)]
 
 
-def test_qcow_v1_is_refused_at_adoption(store):
+@pytest.mark.parametrize("version, says", [
+    (1, "cannot reuse .* as qcow: .*cluster_bits 0 out of range"),   # probed as qcow (v1)
+    (4, "qcow version 4 image; only versions 1 .*2 and 3"),
+])
+def test_bad_or_unknown_qcow_is_refused_at_adoption(store, version, says):
     d = store.instance_dir("web")
     os.mkdir(d)
     with open(os.path.join(d, "sda"), "wb") as f:
-        f.write(b"QFI\xfb\0\0\0\1" + bytes(504))
-    with pytest.raises(StoreError, match="qcow version 1"):
+        f.write(b"QFI\xfb" + version.to_bytes(4, "big") + bytes(504))
+    with pytest.raises(StoreError, match=says):
         store.adopt("web")
     assert store.instances() == []
 

@@ -10,6 +10,9 @@ Targets:
   direct  fio on the raw backing file itself (raw only)
   vbdfs   fio on the disk file of a vbdfs mount
   qsd     fio on qemu-storage-daemon's `--export type=fuse` of the image
+
+The "loop" workloads run on a direct-I/O loop device over the vbdfs disk file
+and over the qemu-storage-daemon export instead: the path a guest's I/O takes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ WORKLOADS = [
     ("rand-read 4K qd1", "randread", "4k", 1),
     ("rand-write 4K qd16", "randwrite", "4k", 16),
     ("rand-read 4K qd16", "randread", "4k", 16),
+]
+LOOP_WORKLOADS = [
+    ("loop seq-write 1M qd16", "write", "1M", 16),
+    ("loop seq-read 1M qd16", "read", "1M", 16),
+    ("loop rand-write 4K qd16", "randwrite", "4k", 16),
+    ("loop rand-read 4K qd16", "randread", "4k", 16),
 ]
 
 
@@ -97,6 +106,17 @@ def qsd_export(image: str, fmt: str, export: str):
         export, "the qemu-storage-daemon export")
 
 
+@contextlib.contextmanager
+def loop_device(path: str):
+    """A direct-I/O loop device over path (as a Dom0 attaches a disk for blkback)."""
+    dev = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", path],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        run("losetup", "--detach", dev)
+
+
 def prepare_images(work: str, fmt: str, size: int) -> dict:
     """One random-filled source, converted to identical images for every target."""
     src = os.path.join(work, "source.raw")
@@ -136,6 +156,14 @@ def bench_format(work: str, fmt: str, size: int, runtime: int, only: set, args) 
                 if target in paths:
                     row[target] = fio(paths[target], rw, bs, depth, size, runtime)
             print(format_row(fmt, name, row), flush=True)
+        loop_work = [w for w in LOOP_WORKLOADS if not only or any(o in w[0] for o in only)]
+        if loop_work:
+            with loop_device(paths["vbdfs"]) as vloop, loop_device(paths["qsd"]) as qloop:
+                for name, rw, bs, depth in loop_work:
+                    row = results[name] = {
+                        target: fio(dev, rw, bs, depth, size, runtime)
+                        for target, dev in (("vbdfs", vloop), ("qsd", qloop))}
+                    print(format_row(fmt, name, row), flush=True)
     store.remove("bench")
     return results
 
@@ -147,7 +175,7 @@ def ratio(a, b) -> str:
 def format_row(fmt: str, name: str, row: dict) -> str:
     metric = "mib_s" if "1M" in name else "iops"
     unit = "MiB/s" if metric == "mib_s" else "IOPS"
-    cells = [f"{fmt:5} {name:20}"]
+    cells = [f"{fmt:5} {name:23}"]
     for target in ("direct", "vbdfs", "qsd"):
         v = row.get(target)
         cells.append(f"{target} {v[metric]:9.0f}" if v else f"{target} {'-':>9}")

@@ -6,6 +6,14 @@ follows the convention of FUSE filesystems (sshfs, s3ql), so that
 `mount -t fuse.vbdfs STORE MOUNTPOINT` and /etc/fstab lines work: mount.fuse3
 runs `vbdfs STORE MOUNTPOINT -o OPTIONS`. Without -f it daemonizes once the
 filesystem is mounted, so a failure is reported to the caller.
+
+Stopping never pulls a disk from under its user: on SIGTERM, SIGINT or
+SIGHUP the daemon unmounts only if no disk is open or attached; otherwise it
+logs which disks hold it and by what, keeps serving, and unmounts (a normal,
+non-lazy umount, so the kernel has the last word) once they are all closed.
+SIGUSR1 (`vbdctl daemon-stop --force`) flushes and unmounts at once, in use
+or not. Started on a mount point where a dead vbdfs mount of its store was
+left behind by a crash, it cleans that up first (operations/recover.py).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import trio
 from . import config as config_mod
 from . import fuseloop, iopath
 from .fs import VbdFs
-from .store import Store
+from .operations import attach, holders, recover
+from .store import Store, StoreError
 
 log = logging.getLogger("vbdfs")
 
@@ -33,6 +42,11 @@ IGNORED_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users"
                    "atime", "noatime", "relatime", "nofail", "_netdev"}
 FUSE_FLAGS = {"allow_other", "allow_root"}
 VALUED_OPTIONS = {"node", "config", "whitelist", "io"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORCE_SIGNAL = signal.SIGUSR1
+# While a stop waits for disks to be closed: how often to look again.
+STOP_POLL = 1.0
+HOLDERS_TIMEOUT = 5.0
 
 
 class UsageError(Exception):
@@ -76,7 +90,9 @@ def parse_args(argv):
                "overlap on a slow store, or auto: threads only for requests that "
                "would wait; default auto); generic mount options (rw, nosuid, nodev, "
                "_netdev, x-systemd.*, ...) are accepted and ignored. Defaults come from "
-               "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG).")
+               "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG). SIGTERM, SIGINT or SIGHUP unmount once "
+               "no disk is open or attached (until then the daemon logs what holds them "
+               "and keeps serving); SIGUSR1 unmounts at once (vbdctl daemon-stop --force).")
     p.add_argument("store", nargs="?", help="the storage directory (default from the config file)")
     p.add_argument("mountpoint", nargs="?", help="where to mount (default from the config file)")
     p.add_argument("-f", "--foreground", action="store_true",
@@ -93,15 +109,21 @@ def parse_args(argv):
     return args
 
 
-def check_paths(store: str, mountpoint: str) -> None:
+def check_paths(store: str, mountpoint: str) -> str | None:
+    """Refuse a bad store or mount point; clean a dead vbdfs mount (say so)."""
     if not os.path.isdir(store):
         raise StartError(f"store {store} does not exist or is not a directory")
+    try:
+        cleaned = recover.clean_dead_mount(store, mountpoint)
+    except StoreError as e:
+        raise StartError(str(e)) from None
     if not os.path.isdir(mountpoint):
         raise StartError(f"mount point {mountpoint} does not exist or is not a directory")
     if os.path.ismount(mountpoint):
         raise StartError(f"mount point {mountpoint} is busy: something is already mounted there")
     if os.path.realpath(mountpoint).startswith(os.path.realpath(store).rstrip("/") + "/"):
         raise StartError(f"mount point {mountpoint} is inside the store {store}")
+    return cleaned
 
 
 def setup_logging(foreground: bool, debug: bool) -> None:
@@ -131,15 +153,83 @@ def daemonize() -> None:
     os.close(null)
 
 
-async def serve(ops: VbdFs) -> None:
+class Stopper:
+    """Stops the daemon on a signal, but not while a disk is open or attached."""
+
+    def __init__(self, ops: VbdFs, mountpoint: str):
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.forced = False            # the main loop ends by terminate(): unmount lazily
+        self._seen = None              # what held the mount when last logged
+        self._umount_error = None
+
+    def _in_use(self) -> tuple:
+        """Cheap: the disks the daemon has open and the loop devices on the mount."""
+        loops = [back for _, back, _ in attach.loop_list()
+                 if back in holders.Under(self.mountpoint)]
+        return tuple(sorted(self.ops.open_disks())), tuple(sorted(loops))
+
+    async def _holders(self, open_disks) -> list[str]:
+        """What holds the disks, found in a thread: reading /proc of a process
+        blocked on this very mount must not stop the daemon serving it."""
+        with trio.move_on_after(HOLDERS_TIMEOUT):
+            return holders.describe(await trio.to_thread.run_sync(
+                holders.mount_holders, self.mountpoint, open_disks, abandon_on_cancel=True))
+        return [f"{inst}/{disk}: (looking for its holder timed out)" for inst, disk in open_disks]
+
+    async def _log_holders(self, key: tuple) -> None:
+        if key == self._seen:
+            return
+        self._seen = key
+        held = await self._holders(key[0])
+        log.warning("not unmounting %s: %d disk(s) in use; serving on until they are "
+                    "closed (vbdctl daemon-stop --force pulls them)", self.mountpoint, len(held))
+        for line in held:
+            log.warning("in use: %s", line)
+
+    async def _unmount(self) -> bool:
+        """A plain umount: the kernel refuses it (EBUSY) if anything opened a disk meanwhile."""
+        tool = ["umount"] if os.geteuid() == 0 else ["fusermount3", "-u"]
+        r = await trio.run_process([*tool, self.mountpoint], capture_stderr=True, check=False)
+        error = r.stderr.decode(errors="replace").strip()
+        if r.returncode != 0 and error != self._umount_error:
+            log.warning("still serving: %s", error)
+        self._umount_error = error
+        return r.returncode == 0
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS, FORCE_SIGNAL) as signals:
+            pending = False
+            while True:
+                with trio.move_on_after(STOP_POLL if pending else float("inf")):
+                    sig = await signals.__anext__()
+                    if sig == FORCE_SIGNAL:
+                        return await self._force()
+                    log.info("got %s: stopping once no disk is in use",
+                             signal.Signals(sig).name)
+                    pending, self._seen = True, None
+                if pending:
+                    key = self._in_use()
+                    if not any(key):
+                        if self._umount_error is None:
+                            log.info("no disk in use: unmounting %s", self.mountpoint)
+                        if await self._unmount():
+                            return     # the kernel ends the session: pyfuse3.main returns
+                        key = self._in_use()
+                    if any(key):
+                        await self._log_holders(key)
+
+    async def _force(self) -> None:
+        held = await self._holders(self.ops.open_disks())
+        log.warning("forced stop: unmounting %s%s", self.mountpoint,
+                    "; pulling disks in use: " + " | ".join(held) if held else "")
+        self.forced = True
+        pyfuse3.terminate()
+
+
+async def serve(stopper: Stopper) -> None:
     async with trio.open_nursery() as nursery:
-        async def stop_on_signal():
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
-                async for sig in sigs:
-                    log.info("got %s, unmounting", signal.Signals(sig).name)
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(stopper.run)
         # Each task holds at most one request: this bounds memory (see iopath.py).
         await pyfuse3.main(max_tasks=iopath.MAX_TASKS)
         nursery.cancel_scope.cancel()
@@ -157,12 +247,15 @@ def main(argv=None) -> int:
                        file_storage_paths=opts.get("whitelist"))
     store_dir, mountpoint = os.path.realpath(cfg.store), os.path.abspath(cfg.mountpoint)
     try:
-        check_paths(store_dir, mountpoint)
+        cleaned = check_paths(store_dir, mountpoint)
     except StartError as e:
         print(f"vbdfs: {e}", file=sys.stderr)
         return 1
 
+    real_mountpoint = os.path.realpath(mountpoint)   # as loop devices name their files
     setup_logging(args.foreground, opts["debug"])
+    if cleaned:
+        log.warning("%s", cleaned)
     ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node,
                 io_mode=opts.get("io", "auto"))
     fuse_options = set(pyfuse3.default_options) | opts["fuse"]
@@ -178,10 +271,13 @@ def main(argv=None) -> int:
         daemonize()
     fuseloop.install()
     log.info("serving %s at %s as node %s", store_dir, mountpoint, cfg.node)
-    unmount = True
+    stopper = Stopper(ops, real_mountpoint)
+    unmount = False        # a clean stop unmounted already: the kernel ended the session
     try:
-        trio.run(serve, ops)
+        trio.run(serve, stopper)
+        unmount = stopper.forced
     except BaseException:
+        unmount = True
         log.exception("vbdfs failed; unmounting")
         raise
     finally:

@@ -178,6 +178,21 @@ class DiskIO:
                 return self.image.write(off, data)
         return await self._run(True, self.image.write, off, data)
 
+    async def zero(self, off: int, length: int) -> None:
+        """Deallocate a range (fallocate: a guest's discard or write-zeroes):
+        run as a write."""
+        if self.mode == "inline":
+            return self.image.zero(off, length)
+        if self.lock is not None:
+            return await self._locked(True, self.image.zero, off, length)
+        return await self._run(True, self.image.zero, off, length)
+
+    async def seek(self, off: int, data: bool):
+        """SEEK_DATA / SEEK_HOLE: reads a qcow2 image's metadata, so under its lock."""
+        if self.lock is None or self.mode == "inline":
+            return self.image.seek(off, data)
+        return await self._locked(False, self.image.seek, off, data)
+
     async def flush(self) -> None:
         """Make every write answered before this flush durable: wait for the
         writes still in flight that started before it, then flush the image."""

@@ -35,6 +35,7 @@ COMMANDS = {
     "umount": "transfer",
     "modify": "failover", "failover-check": "failover", "migrate-check": "failover",
     "failover": "failover",
+    "daemon-stop": "daemon", "recover": "daemon",
 }
 GLOBAL_OPTIONS_WITH_VALUE = {"--config", "--store", "--mountpoint", "--node", "--whitelist"}
 

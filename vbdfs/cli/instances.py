@@ -145,7 +145,8 @@ def register_lifecycle(sub) -> None:
                    default=parse_template("file"), metavar="file[:path=DIR][,OPTS]",
                    help="file, with path=DIR (a directory strictly below one listed in the "
                    "whitelist), driver=loop|blktap|blktap2|qdisk, format=raw|qcow2 "
-                   "(defaults for every disk), reuse (adopt the files already there)")
+                   "(defaults for every disk; qcow, legacy version 1, with reuse only), "
+                   "reuse (adopt the files already there; formats detected)")
     p.add_argument("--disk", dest="disks", action="append", type=parse_disk, default=[],
                    metavar="N:size=SIZE[,format=F][,driver=D]",
                    help="disk N (0 = sda); repeat for each disk; with reuse, size is "

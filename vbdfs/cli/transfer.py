@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import sys
 
-from ..images import FORMATS
+from ..images import NEW_FORMATS
 from ..operations import transfer
 from ..store.names import quoted
 from .common import VbdctlError, add_output_option, emit_json, human_size
@@ -20,7 +20,7 @@ def register(sub) -> None:
                        "node. Refuses a disk attached or open read-write unless --force.")
     p.add_argument("instance")
     p.add_argument("dest", metavar="DEST_DIR|-")
-    p.add_argument("--format", choices=FORMATS,
+    p.add_argument("--format", choices=NEW_FORMATS,
                    help="the dumps' format (default: each disk's own)")
     p.add_argument("--force", action="store_true",
                    help="export even while a disk is attached or open read-write")
@@ -46,7 +46,7 @@ def register(sub) -> None:
                        "while the disk is attached or open.")
     p.add_argument("instance")
     p.add_argument("disk", help="sda, sdb, ... or the index")
-    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument("--to", required=True, choices=NEW_FORMATS)
     add_output_option(p)
     p.set_defaults(func=cmd_convert)
 

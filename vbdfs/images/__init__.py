@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from .base import Extent, Image, ImageError, Kind, OutOfRange, ReadOnlyImage
 
-FORMATS = ("raw", "qcow2")
+FORMATS = ("raw", "qcow2", "qcow")     # every format a disk may have ("qcow": version 1)
+NEW_FORMATS = ("raw", "qcow2")          # the formats vbdfs creates (new disks, copies)
 
 __all__ = ["Extent", "Image", "ImageError", "Kind", "OutOfRange", "ReadOnlyImage",
-           "FORMATS", "open_image", "create_image"]
+           "FORMATS", "NEW_FORMATS", "copy_format", "open_image", "create_image"]
+
+
+def copy_format(fmt: str) -> str:
+    """The format a copy of a `fmt` disk gets by default: its own if vbdfs creates
+    it, else qcow2 (a legacy QCOW disk's successor: sparse and writable)."""
+    return fmt if fmt in NEW_FORMATS else "qcow2"
 
 
 def _engine(fmt: str):
@@ -22,6 +29,9 @@ def _engine(fmt: str):
     if fmt == "qcow2":
         from .qcow2 import Qcow2Image
         return Qcow2Image
+    if fmt == "qcow":
+        from .qcow import QcowImage
+        return QcowImage
     raise ImageError(f"unknown image format {fmt!r} (known: {', '.join(FORMATS)})")
 
 

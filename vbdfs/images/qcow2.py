@@ -5,9 +5,13 @@ What this engine does, and the choices it makes:
 * Mapping: guest cluster -> L1 entry -> L2 table -> host cluster. L2 tables
   are cached as native `array('Q')` in a bounded LRU; a dirty table is only
   written by `flush()` (or by a flush forced when it would be evicted).
-* Allocation appends at the end of the file (see qcow2_refcount): sequential
-  writes get contiguous host clusters, fresh clusters read as zeros without
-  being written, and freed clusters are punched out, never reused by us.
+* Allocation (see qcow2_refcount) reuses free clusters, lowest first, and
+  otherwise appends at the end of the file, so sequential writes to a fresh
+  image get contiguous host clusters. Every allocated cluster reads as zeros
+  without being written. Freed clusters are punched out, and reused only
+  after the flush that put their count 0 on disk (the argument is in
+  qcow2_refcount); a flush is forced when many freed clusters wait for one,
+  so a guest that never flushes cannot grow the file without bound.
 * Copy-on-write: a standard cluster without the COPIED flag (refcount > 1,
   e.g. shared with an internal snapshot), a compressed cluster, a zero
   cluster or an unallocated one gets a new cluster; the part of it the write
@@ -23,9 +27,23 @@ What this engine does, and the choices it makes:
   the size changed), then the decrements of clusters that are no longer
   referenced. So on disk a refcount is never below its references, and a
   crash at any point leaves at worst leaked clusters.
+* Metadata overlap (qcow2_meta): every guest write in place, punch, free,
+  allocation and metadata write first asks one map of where the metadata
+  lies. A data pointer into metadata (compressed or not, COPIED or not) is
+  caught before anything changes: the request fails (EIO through the
+  mount); what was written before it is flushed (the cached state is
+  consistent between changes); the image turns read-only with the reason;
+  and, like qemu, the corrupt bit is set in a version 3 header, so nothing
+  opens the image for writing before 'qemu-img check -r all'. That write is
+  safe: it rewrites only the header's own fields, the header was never
+  touched (its writes pass the check too), and a crash around it leaves the
+  bit set or not. Version 2 headers have no such bit: read-only in memory.
+  Metadata that overlaps other metadata is refused at a writable open.
 * Refused at open (ImageError naming the feature): encryption, external data
-  file, non-zlib compression, extended L2 entries, unknown incompatible bits,
-  and every header value outside qemu's limits.
+  file, extended L2 entries, unknown incompatible bits or compression types,
+  zstd compression without the zstandard module, and every header value
+  outside qemu's limits. Compressed clusters (zlib or zstd: qcow2_compress)
+  are read, and rewritten plain when written to.
 * Opened read-only instead of writable (writes raise ReadOnlyImage saying
   why): the corrupt bit; the dirty bit (refcounts may be stale and are not
   rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
@@ -45,11 +63,12 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
-import zlib
 from array import array
 from collections import OrderedDict
 
+from . import qcow2_compress
 from . import qcow2_header as qh
+from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
@@ -64,6 +83,10 @@ L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE
 MAX_CHAIN = 16
 L2_CACHE_BYTES = 16 << 20
+# Freed clusters wait for a flush before they can be reused; one is forced when
+# more than max(MIN_PENDING_FREE, min(1/8 of the file, MAX_PENDING_FREE)) wait.
+MIN_PENDING_FREE = 4 << 20          # bytes (at least 16 clusters)
+MAX_PENDING_FREE = 1 << 16          # clusters
 
 # _map() kinds
 _DATA, _ZERO, _UNALLOC, _COMPRESSED = range(4)
@@ -126,23 +149,61 @@ class Qcow2Image(Image):
         self._file_end = st.st_size
         self._zeros = bytes(cs)
         self._pending_free: list[int] = []     # clusters to decref after L1/L2 reach disk
+        self._free_min = max(16, MIN_PENDING_FREE >> bits)
         self._hdr_fields: dict = {}            # header fields to write with the L1
         self._dirty = False                    # anything written since the last flush
         self._begun = False                    # autoclear bits handled
-        self.meta: set[int] = set()
+        self._retired: list[tuple[int, int, int]] = []   # (kind, first, n): see _sync step 5
+        self.meta = qm.MetadataMap()
         self.rc = None
         if not self.read_only:
-            self.meta.add(0)
-            first = self.l1_offset >> bits
-            self.meta.update(range(first, first + self.l1_clusters))
-            # Checked before use: a hostile L1 must not fill memory with bogus clusters.
-            for i, e in enumerate(self.l1):
-                if e & OFFSET_MASK:
-                    self.meta.add(self._l2_offset(i, e) >> bits)
+            self._map_metadata(h, st.st_size)
             self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
                                 h.refcount_table_clusters, st.st_size, self.meta)
         if h.backing_file:
             self.backing = self._open_backing(h, store_root, backing_format, chain)
+
+    def _map_metadata(self, h: qh.Header, file_size: int) -> None:
+        """Record where the metadata lies (the refcount structures are added by
+        Refcounts); refuse metadata that overlaps other metadata."""
+        m, bits = self.meta, self.cluster_bits
+        m.add(qm.HEADER, 0)
+        self._add_meta(qm.ACTIVE_L1, self.l1_offset, self.l1_clusters, "the L1 table")
+        if h.nb_snapshots:
+            nbytes, snapshots = qh.snapshot_l1_tables(
+                h, lambda n, off: pread_full(self.fd, n, off))
+            self._add_meta(qm.SNAPSHOT_TABLE, h.snapshots_offset, -(-nbytes // self.cs),
+                           "the snapshot table")
+            for i, (off, size) in enumerate(snapshots):
+                self._add_meta(qm.INACTIVE_L1, off, -(-size * 8 // self.cs),
+                               f"snapshot {i}'s L1 table", shared=qm.INACTIVE_L1)
+        # Checked before use: a hostile L1 must not fill memory with bogus clusters.
+        # (Messages are built on a hit only: an L1 can have millions of entries.)
+        for i, e in enumerate(self.l1):
+            if e & OFFSET_MASK:
+                off = self._l2_offset(i, e)
+                if off >> bits in m:
+                    self._add_meta(qm.ACTIVE_L2, off, 1, f"the L2 table of L1 entry {i}")
+                m.add(qm.ACTIVE_L2, off >> bits)
+        l2s = qm.ACTIVE_L2 | qm.INACTIVE_L2     # a snapshot shares L2 tables
+        for i, (off, size) in enumerate(snapshots if h.nb_snapshots else ()):
+            for j, e in enumerate(load_be(self.fd, "Q", size * 8, off)):
+                if e & OFFSET_MASK:
+                    if e & L1_RESERVED or e & (self.cs - 1) or (
+                            e & OFFSET_MASK) + self.cs > file_size:
+                        raise ImageError(f"{self.path}: snapshot {i}: L1 entry {j} ({e:#x}) "
+                                         f"is invalid or points outside the file")
+                    if m.hit((e & OFFSET_MASK) >> bits, 1, l2s):
+                        self._add_meta(qm.INACTIVE_L2, e & OFFSET_MASK, 1,
+                                       f"snapshot {i}'s L2 table {j}", shared=l2s)
+                    m.add(qm.INACTIVE_L2, (e & OFFSET_MASK) >> bits)
+
+    def _add_meta(self, kind: int, offset: int, n: int, what: str, shared: int = 0) -> None:
+        hit = self.meta.hit(offset >> self.cluster_bits, n, ignore=shared)
+        if hit is not None:
+            raise ImageError(f"{self.path}: {what} at {offset:#x} overlaps "
+                             f"{qm.describe(hit[1])} (image is corrupt)")
+        self.meta.add(kind, offset >> self.cluster_bits, n)
 
     def _open_backing(self, h, store_root, backing_format, chain) -> Image:
         me = os.path.realpath(self.path)
@@ -152,7 +213,7 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
                              f"recorded in the image (no backing-format extension) and "
                              f"was not given; refusing to guess it")
-        if fmt not in ("raw", "qcow2"):
+        if fmt not in ("raw", "qcow2", "qcow"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
         target = os.path.realpath(os.path.join(os.path.dirname(me), name))
@@ -173,6 +234,9 @@ class Qcow2Image(Image):
             if fmt == "raw":
                 from .raw import RawImage
                 return RawImage(target, read_only=True, store_root=store_root)
+            if fmt == "qcow":       # a legacy base: its own backing file is read as raw
+                from .qcow import QcowImage
+                return QcowImage(target, store_root=store_root, _chain=chain)
             return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
         except FileNotFoundError:
             raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
@@ -344,8 +408,9 @@ class Qcow2Image(Image):
             raise ImageError(f"{self.path}: compressed cluster for guest offset "
                              f"{g << self.cluster_bits:#x} points outside the file")
         try:
-            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, nbytes, off), self.cs)
-        except zlib.error as err:
+            out = qcow2_compress.decompress(self.hdr.compression_type,
+                                            pread_full(self.fd, nbytes, off), self.cs)
+        except ValueError as err:
             raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
                              f"{g << self.cluster_bits:#x}: {err}") from None
         if len(out) != self.cs:
@@ -426,7 +491,7 @@ class Qcow2Image(Image):
     def _begin(self) -> None:
         """Before the first change: drop autoclear bits we do not maintain (e.g. bitmaps)."""
         if self.hdr.autoclear_features:
-            pwrite_full(self.fd, self.hdr.patch(autoclear_features=0), 0)
+            self._write_header(autoclear_features=0)
             os.fsync(self.fd)
         self._begun = True
 
@@ -436,16 +501,33 @@ class Qcow2Image(Image):
         self.check_range(offset, n)
         if not n:
             return
-        if is_zero(data):
-            self._zero(offset, n)
-        else:
-            self._write(offset, memoryview(data).cast("B"))
+        try:
+            if is_zero(data):
+                self._zero(offset, n)
+            else:
+                if len(self._pending_free) >= self._free_min:
+                    self._sync_if_many_frees()
+                self._write(offset, memoryview(data).cast("B"))
+        except qm.MetadataOverlap as e:
+            raise self._corrupted(e) from None
 
     def zero(self, offset: int, length: int) -> None:
         self.check_writable()
         self.check_range(offset, length)
         if length:
-            self._zero(offset, length)
+            try:
+                self._zero(offset, length)
+            except qm.MetadataOverlap as e:
+                raise self._corrupted(e) from None
+
+    def _sync_if_many_frees(self) -> None:
+        """Flush when many freed clusters wait for it: only a flush makes them
+        reusable (see qcow2_refcount), so without one a guest that keeps writing
+        and zeroing would grow the file without bound. Between requests and
+        between L2 tables the cached state is consistent, so this is safe."""
+        n = len(self._pending_free)
+        if n >= self._free_min and n >= min(MAX_PENDING_FREE, self.rc.next_free >> 3):
+            self._sync()
 
     def _write(self, offset: int, mv: memoryview) -> None:
         self._dirty = True
@@ -454,8 +536,19 @@ class Qcow2Image(Image):
         while pos < end:
             l1i = pos >> span
             tab_end = min(end, (l1i + 1) << span)
+            e = self.l1[l1i]
+            if e & OFFSET_MASK and not e & COPIED:
+                self._check_shared_table(l1i, pos, tab_end)
             self._write_table(self._l2_for_write(l1i), pos, tab_end, mv, offset)
             pos = tab_end
+
+    def _check_shared_table(self, l1i: int, pos: int, end: int) -> None:
+        """Before a shared L2 table is copied for a write: refuse the write if it
+        would hit metadata (_write_table checks too, but only after the copy)."""
+        bits, ents = self.cluster_bits, self._l2(l1i).entries
+        for g in range(pos >> bits, ((end - 1) >> bits) + 1):
+            if ents[g & self.l2_mask] & (COMPRESSED | OFFSET_MASK):
+                self._check_free(ents[g & self.l2_mask], g, "writing")
 
     def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int) -> None:
         """Write mv[pos-base:end-base], which lies within the guest range of table t."""
@@ -470,7 +563,7 @@ class Qcow2Image(Image):
             if e & (COPIED | COMPRESSED) == COPIED:        # ours alone: in place
                 host = self._host(e & ~ZERO_FLAG, g)
                 if e & ZERO_FLAG:   # preallocated zero cluster: rest must read zeros
-                    self._check_not_meta(host, 1, g)
+                    self._check_guest(host >> bits, 1, "writing", g)
                     buf = bytearray(cs)
                     lo = pos & (cs - 1)
                     buf[lo:lo + run_end - pos] = mv[pos - base:run_end - base]
@@ -485,7 +578,7 @@ class Qcow2Image(Image):
                     run_end = min(end, run_end + cs)
                     j += 1
                     expect += cs
-                self._check_not_meta(host, j - i, g)
+                self._check_guest(host >> bits, j - i, "writing", g)
                 pwrite_full(fd, mv[pos - base:run_end - base], host + (pos & (cs - 1)))
                 pos = run_end
                 continue
@@ -494,8 +587,15 @@ class Qcow2Image(Image):
             while run_end < end and ents[j] & (COPIED | COMPRESSED) != COPIED:
                 run_end = min(end, run_end + cs)
                 j += 1
-            k = j - i
-            h0 = self._alloc(k)
+            # The old mappings are freed below: refuse before changing anything
+            # if one of them points into metadata.
+            for x in range(i, j):
+                if ents[x] & (COMPRESSED | OFFSET_MASK):
+                    self._check_free(ents[x], g + x - i)
+            h0, k = self._alloc_some(j - i)
+            if k < j - i:       # a smaller free run: write that much now
+                j = i + k
+                run_end = min(end, (g + k) << bits)
             # Fills first: they read the old mapping, which stays valid until flush.
             fills = []
             lo = pos & (cs - 1)
@@ -518,13 +618,16 @@ class Qcow2Image(Image):
             t.dirty = True
             pos = run_end
 
-    def _check_not_meta(self, host: int, n: int, g: int) -> None:
-        first = host >> self.cluster_bits
-        for c in range(first, first + n):
-            if c in self.meta:
-                raise ImageError(f"{self.path}: L2 entry for guest offset "
-                                 f"{g << self.cluster_bits:#x} points at image metadata "
-                                 f"(cluster {c}); the image is corrupt")
+    def _check_guest(self, first: int, n: int, action: str, g: int) -> None:
+        """The overlap check for a change of guest cluster g's host clusters (the
+        message is only built on a hit: this runs on every write)."""
+        if self.meta.hit(first, n) is not None:
+            self.meta.check(first, n, f"{action} guest offset {g << self.cluster_bits:#x}")
+
+    def _check_free(self, e: int, g: int, action: str = "freeing the old cluster of") -> None:
+        """Refuse to replace (or punch) entry e if its clusters are metadata."""
+        first, n = self._span(e)
+        self._check_guest(first, n, action, g)
 
     def _content(self, e: int, g: int) -> bytes | None:
         """Current content of guest cluster g (entry e); None when it reads as zeros."""
@@ -539,22 +642,36 @@ class Qcow2Image(Image):
         return None if self.backing is None or is_zero(data) else data
 
     def _alloc(self, n: int) -> int:
+        """n contiguous clusters at the end of the file (for metadata)."""
         c = self.rc.alloc(n)
         self._file_end = max(self._file_end, self.rc.next_free << self.cluster_bits)
         return c << self.cluster_bits
 
-    def _release(self, e: int) -> None:
-        """Queue the host clusters of a replaced entry for decref at the next flush."""
-        if not e:
-            return
+    def _alloc_some(self, n: int) -> tuple[int, int]:
+        """1 to n contiguous clusters reading as zeros, free ones reused: (offset, count)."""
+        c, k = self.rc.alloc_some(n)
+        self._file_end = max(self._file_end, self.rc.next_free << self.cluster_bits)
+        return c << self.cluster_bits, k
+
+    def _span(self, e: int) -> tuple[int, int]:
+        """(first cluster, count) of the host clusters an L2 entry holds."""
         bits = self.cluster_bits
         if e & COMPRESSED:
             x = 62 - (bits - 8)
             off = (e & ((1 << x) - 1)) & ~511
             nbytes = (((e >> x) & ((1 << (bits - 8)) - 1)) + 1) * 512
-            self._pending_free.extend(range(off >> bits, ((off + nbytes - 1) >> bits) + 1))
-        elif e & OFFSET_MASK:
-            self._pending_free.append((e & OFFSET_MASK) >> bits)
+            return off >> bits, ((off + nbytes - 1) >> bits) - (off >> bits) + 1
+        off = e & OFFSET_MASK
+        return off >> bits, 1 if off else 0
+
+    def _release(self, e: int) -> None:
+        """Queue the host clusters of a replaced entry (checked with _check_free)
+        for decref at the next flush."""
+        first, n = self._span(e)
+        if n == 1:
+            self._pending_free.append(first)
+        elif n:
+            self._pending_free.extend(range(first, first + n))
 
     def _l2_for_write(self, l1i: int) -> _L2:
         """The L2 table of l1i, allocated or copied (if shared) so that it can be changed."""
@@ -562,15 +679,15 @@ class Qcow2Image(Image):
         e = self.l1[l1i]
         if t is not None and e & COPIED:
             return t
-        host = self._alloc(1)
-        self.meta.add(host >> self.cluster_bits)
+        host = self._alloc_some(1)[0]
+        self.meta.add(qm.ACTIVE_L2, host >> self.cluster_bits)
         if t is None:
             t = _L2(host, array("Q", bytes(self.cs)), True)
             self._cache[l1i] = t
             if len(self._cache) > self._cache_max:
                 self._evict()
         else:   # shared with a snapshot: copy on write
-            self._pending_free.append(t.offset >> self.cluster_bits)
+            self._retired.append((qm.ACTIVE_L2, t.offset >> self.cluster_bits, 1))
             t.offset, t.entries, t.dirty = host, array("Q", t.entries), True
         self.l1[l1i] = host | COPIED
         self.l1_dirty = True
@@ -592,6 +709,7 @@ class Qcow2Image(Image):
                 continue
             l1i = g >> self.l2_bits
             g_end = min(end >> bits, (l1i + 1) << self.l2_bits)
+            self._sync_if_many_frees()
             self._zero_clusters(l1i, g, g_end)
             pos = g_end << bits
 
@@ -619,6 +737,11 @@ class Qcow2Image(Image):
                 t.entries[g & mask] == want(0) or (no_backing and not t.entries[g & mask])
                 for g in range(g0, g1)):
             return          # already zero: do not dirty (or copy) the table
+        if t is not None:   # refuse before changing anything: see _write_table
+            ents = t.entries
+            for g in range(g0, g1):
+                if ents[g & mask] & (COMPRESSED | OFFSET_MASK):
+                    self._check_free(ents[g & mask], g, "zeroing")
         t = self._l2_for_write(l1i)
         ents = t.entries
         for g in range(g0, g1):
@@ -631,12 +754,11 @@ class Qcow2Image(Image):
                 ents[i] = want(e)
             elif e & (COPIED | COMPRESSED | ZERO_FLAG) == COPIED:
                 host = self._host(e, g)
-                self._check_not_meta(host, 1, g)
                 if not punch_hole(self.fd, host, self.cs):
                     pwrite_full(self.fd, self._zeros, host)
             else:
                 self._release(e)
-                ents[i] = self._alloc(1) | COPIED
+                ents[i] = self._alloc_some(1)[0] | COPIED
         t.dirty = True
 
     # --- durability --------------------------------------------------------------------
@@ -651,10 +773,16 @@ class Qcow2Image(Image):
 
     def _sync(self) -> None:
         """Write cached metadata in crash-safe order (see the module docstring)."""
+        try:
+            self._sync_steps()
+        except qm.MetadataOverlap as e:     # half-way through: keep what is on disk
+            raise self._corrupted(e, save=False) from None
+
+    def _sync_steps(self) -> None:
         rc, fd, bits = self.rc, self.fd, self.cluster_bits
         dirty_l2 = [t for t in self._cache.values() if t.dirty]
         if not (self._dirty or dirty_l2 or self.l1_dirty or self._hdr_fields
-                or self._pending_free or rc.dirty or rc.table_dirty):
+                or self._pending_free or self._retired or rc.dirty or rc.table_dirty):
             return
         old_rt = rc.grow_table_if_needed()
         # 1. guest data and refcount increments (including new metadata clusters)
@@ -666,41 +794,53 @@ class Qcow2Image(Image):
             rc.write_table()
             os.fsync(fd)
             if old_rt:
-                pwrite_full(fd, self.hdr.patch(refcount_table_offset=rc.table_offset,
-                                               refcount_table_clusters=rc.table_clusters), 0)
+                self._write_header(refcount_table_offset=rc.table_offset,
+                                   refcount_table_clusters=rc.table_clusters)
                 os.fsync(fd)
-                self._pending_free.extend(range(old_rt[0] >> bits,
-                                                (old_rt[0] >> bits) + old_rt[1]))
+                self._retired.append((qm.REFCOUNT_TABLE, old_rt[0] >> bits, old_rt[1]))
         # 3. L2 tables, 4. the L1 table and the header fields that go with it
         if dirty_l2:
             for t in dirty_l2:
+                self.meta.check(t.offset >> bits, 1, "writing an L2 table", ignore=qm.ACTIVE_L2)
                 pwrite_full(fd, to_be(t.entries), t.offset)
                 t.dirty = False
             os.fsync(fd)
         if self.l1_dirty:
+            self.meta.check(self.l1_offset >> bits, self.l1_clusters, "writing the L1 table",
+                            ignore=qm.ACTIVE_L1)
             pwrite_full(fd, to_be(self.l1), self.l1_offset)
             self.l1_dirty = False
             os.fsync(fd)
         if self._hdr_fields:
-            pwrite_full(fd, self.hdr.patch(**self._hdr_fields), 0)
+            self._write_header(**self._hdr_fields)
             self._hdr_fields = {}
             os.fsync(fd)
-        # 5. only now drop the references that were replaced, and punch out the space
+        # 5. only now drop the references that were replaced. Metadata that no
+        # table on disk points at any more leaves the overlap map first.
+        for kind, first, n in self._retired:
+            self.meta.remove(kind, first, n)
+            self._pending_free.extend(range(first, first + n))
+        self._retired = []
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
             self._check_frees(pending)
             freed = sorted(c for c in pending if rc.decref(c) == 0)
             rc.write_blocks()
             os.fsync(fd)
-            for start, n in _runs(freed):
-                punch_hole(fd, start << bits, n << bits)
+            rc.freed(freed)     # punched out, and reusable from now on
         self._dirty = False
 
-    def _check_frees(self, pending: list[int]) -> None:
-        """Refuse, before changing any count, frees the refcounts cannot cover.
+    def _write_header(self, **fields) -> None:
+        self.meta.check(0, 1, "writing the header", ignore=qm.HEADER)
+        pwrite_full(self.fd, self.hdr.patch(**fields), 0)
 
-        That means the image was corrupt (a count below its references). What
-        is on disk is consistent (at worst leaked clusters), so stop writing.
+    def _check_frees(self, pending: list[int]) -> None:
+        """Refuse, before changing any count, frees the refcounts cannot cover or
+        that would leave metadata at refcount 0.
+
+        That means the image was corrupt (a count below its references, or a
+        data pointer into metadata that got past the checks before it). What is
+        on disk is consistent (at worst leaked clusters), so stop writing.
         """
         rc = self.rc
         need: dict[int, int] = {}
@@ -708,13 +848,50 @@ class Qcow2Image(Image):
             need[c] = need.get(c, 0) + 1
         bad = next((c for c, k in need.items() if rc.get(c) < k), None)
         if bad is not None:
-            self.read_only = True
-            self.read_only_reason = (f"refcount underflow at cluster {bad}: the image is "
-                                     f"corrupt (run 'qemu-img check -r all')")
+            self._stop(f"refcount underflow at cluster {bad}: the image is corrupt "
+                       f"(run 'qemu-img check -r all')")
             raise ImageError(f"{self.path}: {self.read_only_reason}; further writes refused")
+        for c, k in need.items():
+            if c in self.meta and rc.get(c) == k:
+                self.meta.check(c, 1, "freeing cluster")
+
+    def _corrupted(self, e: qm.MetadataOverlap, save: bool = True) -> ImageError:
+        """A change would have hit metadata (`e` says which): it was refused before
+        anything changed. Keep what was written before it (`save`: the cached
+        state is consistent between changes), then stop writing for good and, as
+        qemu does, set the corrupt bit so that nothing opens the image for
+        writing before 'qemu-img check -r all' repaired it. Version 2 images
+        have no such bit: they are marked in memory only."""
+        if save:
+            try:
+                self._sync()
+            except (OSError, ImageError):
+                pass        # marked below all the same
+        if not self.read_only:
+            self._stop(f"the image is corrupt: {e}", mark=True)
+        return ImageError(f"{self.path}: {e}: the image is corrupt; it is marked corrupt "
+                          f"and further writes are refused (repair with "
+                          f"'qemu-img check -r all')")
+
+    def _stop(self, reason: str, mark: bool = False) -> None:
+        self.read_only = True
+        self.read_only_reason = reason
+        if mark and self.version >= 3:
+            try:
+                self._write_header(incompatible_features=self.hdr.incompatible_features
+                                   | qh.INCOMPAT_CORRUPT)
+                os.fsync(self.fd)
+            except (OSError, ImageError):
+                pass        # the image is still refused for writing in this process
 
     def resize(self, new_size: int) -> None:
         self.check_writable()
+        try:
+            self._resize(new_size)
+        except qm.MetadataOverlap as e:
+            raise self._corrupted(e, save=False) from None
+
+    def _resize(self, new_size: int) -> None:
         if new_size < self.size:
             raise ImageError(f"{self.path}: shrinking a disk is not supported "
                              f"({self.size} -> {new_size} bytes)")
@@ -734,10 +911,10 @@ class Qcow2Image(Image):
                 bits = self.cluster_bits
                 n = -(-need * 8 // self.cs)
                 host = self._alloc(n)
-                first = self.l1_offset >> bits
-                old = range(first, first + self.l1_clusters) if self.l1_offset else ()
-                self._pending_free.extend(old)  # decref'd after the header moves
-                self.meta.update(range(host >> bits, (host >> bits) + n))
+                if self.l1_offset:              # freed after the header moves
+                    self._retired.append((qm.ACTIVE_L1, self.l1_offset >> bits,
+                                          self.l1_clusters))
+                self.meta.add(qm.ACTIVE_L1, host >> bits, n)
                 self.l1_offset, self.l1_clusters = host, n
                 fields["l1_table_offset"] = host
             self.l1_dirty = True
@@ -770,16 +947,3 @@ class Qcow2Image(Image):
             os.close(self.fd)
             self.fd = -1
 
-
-def _runs(clusters):
-    """Coalesce sorted cluster indices into (start, count) runs."""
-    start = prev = None
-    for c in clusters:
-        if prev is not None and c == prev + 1:
-            prev = c
-            continue
-        if start is not None:
-            yield start, prev - start + 1
-        start = prev = c
-    if start is not None:
-        yield start, prev - start + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 
+from . import qcow2_compress
 from .base import ImageError
 
 MAGIC = b"QFI\xfb"
@@ -23,6 +24,8 @@ MAX_CLUSTER_BITS = 21           # 2 MiB: qemu's implementation limit
 MAX_L1_BYTES = 32 << 20         # qemu's QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 << 20    # qemu's QCOW_MAX_REFTABLE_SIZE
 MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS      # qemu's QCOW_MAX_SNAPSHOTS_SIZE
+MAX_SNAPSHOT_EXTRA = 1024       # qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 SNAPSHOT_ENTRY_MIN = 40         # fixed part of one snapshot table entry
 MAX_BACKING_NAME = 1023
 
@@ -31,7 +34,7 @@ INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_COMPRESSION = 1 << 3
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
-                   3: "compression type (non-zlib)", 4: "extended L2 entries"}
+                   3: "compression type", 4: "extended L2 entries"}
 
 # Header extension types.
 EXT_END = 0x00000000
@@ -104,7 +107,9 @@ class Header:
                 self.fail(f"header_length {self.header_length} exceeds the first cluster")
         self._check_features(raw)
         if self.crypt_method != 0:
-            self.fail(f"encrypted images are not supported (crypt_method {self.crypt_method})")
+            how = {1: "AES", 2: "LUKS"}.get(self.crypt_method, "unknown")
+            self.fail(f"{how}-encrypted images are not supported (crypt_method "
+                      f"{self.crypt_method})")
         if self.refcount_order > 6:
             self.fail(f"refcount_order {self.refcount_order} is invalid (max 6)")
         if self.size > (1 << 63) - 1:
@@ -129,7 +134,7 @@ class Header:
             self.fail("image has no refcount table")
         self._check_table("refcount table", self.refcount_table_offset, rt_bytes)
 
-        # Snapshot table: only bounds are checked; snapshots are not read.
+        # Snapshot table: only bounds here; snapshot_l1_tables() reads it for writing.
         if self.nb_snapshots > MAX_SNAPSHOTS:
             self.fail(f"too many snapshots ({self.nb_snapshots}, max {MAX_SNAPSHOTS})")
         self._check_table("snapshot table", self.snapshots_offset,
@@ -154,9 +159,17 @@ class Header:
 
     def _check_features(self, raw: bytes) -> None:
         bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
-        compression_type = raw[104] if self.header_length > 104 else 0
-        if compression_type and not bits & INCOMPAT_COMPRESSION:
-            self.fail(f"compression_type {compression_type} set without its feature bit")
+        self.compression_type = ctype = raw[104] if self.header_length > 104 else 0
+        if ctype and not bits & INCOMPAT_COMPRESSION:
+            self.fail(f"compression_type {ctype} set without its feature bit")
+        if bits & INCOMPAT_COMPRESSION:
+            if not ctype:
+                self.fail("compression type feature bit set, but compression_type is zlib")
+            try:
+                qcow2_compress.check(ctype)
+            except qcow2_compress.CompressionError as e:
+                self.fail(str(e))
+            bits &= ~INCOMPAT_COMPRESSION
         if bits:
             names = self._feature_names(raw)
             first = (bits & -bits).bit_length() - 1
@@ -233,6 +246,38 @@ class Header:
             struct.pack_into(fmt, self.raw, off, value)
             setattr(self, name, value)
         return bytes(self.raw)
+
+
+_SNAPSHOT = struct.Struct(">QIHHIIQII")
+
+
+def snapshot_l1_tables(hdr: Header, read) -> tuple[int, list[tuple[int, int]]]:
+    """Walk the snapshot table: (its length in bytes, [(l1_table_offset, l1_size)]).
+
+    Needed only to write an image: the snapshot table and every snapshot's
+    tables are metadata that writes must not hit. `read(n, offset)` reads
+    the file. Entries are checked against qemu's limits as they are read.
+    """
+    pos = hdr.snapshots_offset
+    tables = []
+    for i in range(hdr.nb_snapshots):
+        if pos + SNAPSHOT_ENTRY_MIN > hdr.file_size:
+            hdr.fail(f"snapshot {i} lies outside the file")
+        (l1_offset, l1_size, id_len, name_len, _, _, _, _,
+         extra) = _SNAPSHOT.unpack(read(SNAPSHOT_ENTRY_MIN, pos))
+        if extra > MAX_SNAPSHOT_EXTRA:
+            hdr.fail(f"snapshot {i} has {extra} bytes of extra data (max {MAX_SNAPSHOT_EXTRA})")
+        end = pos + SNAPSHOT_ENTRY_MIN + extra + id_len + name_len
+        if end > hdr.file_size:
+            hdr.fail(f"snapshot {i} runs past the end of the file")
+        pos = end + (-end % 8)      # entries start 8-byte aligned
+        if end - hdr.snapshots_offset > MAX_SNAPSHOTS_BYTES:
+            hdr.fail(f"snapshot table larger than qemu's limit of {MAX_SNAPSHOTS_BYTES} bytes")
+        if l1_size * 8 > MAX_L1_BYTES:
+            hdr.fail(f"snapshot {i}: L1 table too large ({l1_size} entries)")
+        hdr._check_table(f"snapshot {i}'s L1 table", l1_offset, l1_size * 8)
+        tables.append((l1_offset, l1_size))
+    return (end - hdr.snapshots_offset if tables else 0), tables
 
 
 def l1_entries_for(size: int, cluster_bits: int) -> int:

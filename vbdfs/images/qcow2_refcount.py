@@ -7,19 +7,33 @@ A dirty block evicted early is simply written early: until the flush's
 free step, blocks only hold increments, and a refcount that reaches disk too
 soon is at worst a leak.
 
-Allocation only ever appends at the end of the file: a cluster handed out in
-this session has never been written, so it reads as zeros without a write,
-and a freed cluster cannot be reused while an old on-disk L2 entry might still
-point at it. Free space left by frees is punched out of the file instead.
-The append point starts past both the end of the file and the highest
-counted cluster (qemu can leave counted clusters past the end after a crash:
-leaks), so every cluster from `next_free` on has refcount 0 and allocation
-never has to look at refcounts.
+Allocation reuses free clusters, as qemu does: a cursor (the lowest cluster
+that may be free) moves forward over counted clusters, and a free lowers it
+again. A cluster may be reused only once no table on disk points at it, and
+that is what a refcount of 0 in memory means here: decrements are applied
+only in the flush's last step, after the L2/L1 tables (and header) that
+dropped the references are on disk, and are written and fsync'd in that same
+step, before anything can allocate again. So a reused cluster has no
+reference on disk and a count of 0 there; its new data and its count of 1
+then reach disk before the L2 entry that points at it, like any allocation,
+and a crash at any point leaves at worst a leak, never two references to one
+cluster. A reused cluster is punched out (or zeroed) first unless it is
+already a hole, so every allocated cluster reads as zeros without a write.
+(This holds for images that were consistent when opened. In a corrupt one,
+where an L2 entry points at a cluster counted 0, reuse can make two guest
+clusters share storage, as in qemu: the guest's own data, never metadata,
+which the overlap check keeps out of every write.)
+
+When nothing below it is free, allocation appends at `next_free`. It starts
+past both the end of the file and the highest counted cluster (qemu can
+leave counted clusters past the end after a crash: leaks), so every cluster
+from `next_free` on has refcount 0 and appending never looks at refcounts.
+Multi-cluster metadata (a moved L1 or refcount table) is always appended.
 
 The refcount table is checked at open: every block must be cluster aligned,
-inside the file, used once, and not overlap the header, the L1, an L2 table
-or the refcount table itself (otherwise updating one count would overwrite
-other metadata).
+inside the file, used once, and not overlap other metadata (otherwise
+updating one count would overwrite it). Every allocation and every write of
+a block or the table passes the image's overlap check (qcow2_meta).
 """
 
 from __future__ import annotations
@@ -29,8 +43,9 @@ import sys
 from array import array
 from collections import OrderedDict
 
+from . import qcow2_meta as qm
 from .base import ImageError
-from .fileops import pread_full, pwrite_full
+from .fileops import data_runs, pread_full, punch_hole, pwrite_full
 
 _SWAP = sys.byteorder == "little"    # on-disk tables are big endian
 RC_CACHE_BYTES = 4 << 20              # refcount blocks kept in memory
@@ -54,9 +69,9 @@ def to_be(a: array) -> bytes:
 
 class Refcounts:
     def __init__(self, fd: int, path: str, cluster_bits: int, table_offset: int,
-                 table_clusters: int, file_size: int, meta: set):
-        """`meta` holds the clusters of the header, the L1 and the L2 tables; the
-        refcount table and blocks are added to it."""
+                 table_clusters: int, file_size: int, meta: qm.MetadataMap):
+        """`meta` holds the image's other metadata; the refcount table and blocks
+        are added to it."""
         self.fd = fd
         self.path = path
         self.cluster_bits = cluster_bits
@@ -70,25 +85,30 @@ class Refcounts:
         self.cache_max = max(8, RC_CACHE_BYTES // cs)
         self.dirty: set[int] = set()
         self.table_dirty = False
-        self.meta = meta                                 # cluster indices holding metadata
+        self.meta = meta
         self.file_size = file_size
         first = table_offset >> cluster_bits
-        meta.update(range(first, first + table_clusters))
-        seen = set()
+        hit = meta.hit(first, table_clusters)
+        if hit:
+            raise ImageError(f"{path}: the refcount table at {table_offset:#x} overlaps "
+                             f"{qm.describe(hit[1])} (image is corrupt)")
+        meta.add(qm.REFCOUNT_TABLE, first, table_clusters)
         for r, off in enumerate(self.table):
             if not off:
                 continue
             c = off >> cluster_bits
+            hit = meta.hit(c)
             why = ("is not cluster aligned" if off & (cs - 1) else
                    "lies outside the file" if off + cs > file_size else
-                   "is used twice" if c in seen else
-                   "overlaps the header, L1/L2 or refcount table" if c in meta else None)
+                   None if hit is None else
+                   "is used twice" if hit[1] == qm.REFCOUNT_BLOCK else
+                   f"overlaps {qm.describe(hit[1])}")
             if why:
                 raise ImageError(f"{path}: refcount block {r} at {off:#x} {why} "
                                  f"(image is corrupt)")
-            seen.add(c)
-        meta.update(seen)
+            meta.add(qm.REFCOUNT_BLOCK, c)
         self.next_free = self._first_free(-(-file_size // cs))
+        self.cursor = 0         # the lowest cluster that may be free
 
     def _first_free(self, eof: int) -> int:
         """max(eof, highest counted cluster + 1): one read per block covering clusters past eof."""
@@ -116,8 +136,14 @@ class Refcounts:
     def _evict(self) -> None:
         r, b = self.blocks.popitem(last=False)
         if r in self.dirty:     # safe to write early: see the module docstring
-            pwrite_full(self.fd, to_be(b), self.table[r])
+            self._write_block(r, b)
             self.dirty.discard(r)
+
+    def _write_block(self, r: int, b: array) -> None:
+        off = self.table[r]
+        self.meta.check(off >> self.cluster_bits, 1, f"writing refcount block {r}",
+                        ignore=qm.REFCOUNT_BLOCK)
+        pwrite_full(self.fd, to_be(b), off)
 
     def get(self, cluster: int) -> int:
         b = self._block(cluster // self.per_block)
@@ -135,13 +161,73 @@ class Refcounts:
             if missing is None:
                 break
             self._new_block(missing)
-        # Everything from next_free on has refcount 0 (see __init__): just count them.
+        self.meta.check(start, n, "allocating clusters")
+        self._count(start, n)       # everything from next_free on has refcount 0
+        self.next_free = end
+        if self.cursor == start:
+            self.cursor = end
+        return start
+
+    def alloc_some(self, n: int) -> tuple[int, int]:
+        """Reserve 1 to n contiguous clusters, reusing free ones first: (first index, count).
+
+        They read as zeros. A free cluster that is metadata is refused (the image
+        is corrupt): see qcow2_meta.
+        """
+        found = self._find_free(n) if self.cursor < self.next_free else None
+        if found is None:
+            return self.alloc(n), n
+        start, k = found
+        self.meta.check(start, k, "reusing free clusters")
+        cs = self.cs
+        if next(data_runs(self.fd, start * cs, (start + k) * cs), None) is not None:
+            if not punch_hole(self.fd, start * cs, k * cs):
+                pwrite_full(self.fd, bytes(k * cs), start * cs)
+        self._count(start, k)
+        self.cursor = start + k
+        return start, k
+
+    def _find_free(self, n: int) -> tuple[int, int] | None:
+        """The first run (start, 1..n clusters) of refcount 0 from the cursor up to
+        next_free, within existing blocks; moves the cursor up to it."""
+        pb = self.per_block
+        c = self.cursor
+        while c < self.next_free:
+            r = c // pb
+            base = r * pb
+            b = self._block(r)
+            hi = min(pb, self.next_free - base)
+            try:
+                i = b.index(0, c - base, hi) if b is not None else None
+            except ValueError:
+                i = None
+            if i is None:       # all counted (or no block: not ours to place)
+                c = base + pb
+                continue
+            j, stop = i + 1, min(hi, i + n)
+            while j < stop and b[j] == 0:
+                j += 1
+            self.cursor = base + i
+            return base + i, j - i
+        self.cursor = self.next_free
+        return None
+
+    def _count(self, start: int, n: int) -> None:
+        """Set refcount 1 on clusters [start, start+n), which have refcount 0 now."""
+        pb = self.per_block
+        end = start + n
         for r in range(start // pb, (end - 1) // pb + 1):
             lo, hi = max(start, r * pb) - r * pb, min(end, (r + 1) * pb) - r * pb
             self._block(r)[lo:hi] = array("H", [1]) * (hi - lo)
             self.dirty.add(r)
-        self.next_free = end
-        return start
+
+    def freed(self, clusters: list[int]) -> None:
+        """Clusters whose count 0 is now on disk (sorted): punch them out; reusable."""
+        if not clusters:
+            return
+        for start, n in runs(clusters):
+            punch_hole(self.fd, start << self.cluster_bits, n << self.cluster_bits)
+        self.cursor = min(self.cursor, clusters[0])
 
     def _new_block(self, r: int) -> None:
         """Create the refcount block for range r at the end of the file."""
@@ -150,12 +236,15 @@ class Refcounts:
         if home != r and self._block(home) is None:
             self._new_block(home)      # the block's own cluster needs a counted home first
             return
+        self.meta.check(c, 1, f"placing refcount block {r}")
         self.next_free = c + 1
+        if self.cursor == c:
+            self.cursor = c + 1
         while len(self.table) <= r:
             self.table.append(0)
         self.table[r] = c << self.cluster_bits
         self.table_dirty = True
-        self.meta.add(c)
+        self.meta.add(qm.REFCOUNT_BLOCK, c)
         self.blocks[r] = array("H", bytes(self.cs))
         self.dirty.add(r)
         if len(self.blocks) > self.cache_max:
@@ -172,8 +261,6 @@ class Refcounts:
                              f"(image is corrupt; run qemu-img check -r all)")
         b[i] -= 1
         self.dirty.add(cluster // self.per_block)
-        if b[i] == 0:
-            self.meta.discard(cluster)
         return b[i]
 
     # --- writing (called by the image's flush, in crash-safe order) -----------------
@@ -198,13 +285,13 @@ class Refcounts:
         self.table_offset = start << self.cluster_bits
         self.table_clusters = clusters
         self.capacity = clusters * per_cluster
-        self.meta.update(range(start, start + clusters))
+        self.meta.add(qm.REFCOUNT_TABLE, start, clusters)
         self.table_dirty = True
         return old
 
     def write_blocks(self) -> bool:
         for r in sorted(self.dirty):
-            pwrite_full(self.fd, to_be(self.blocks[r]), self.table[r])
+            self._write_block(r, self.blocks[r])
         wrote = bool(self.dirty)
         self.dirty.clear()
         return wrote
@@ -212,12 +299,28 @@ class Refcounts:
     def write_table(self) -> None:
         padded = array("Q", self.table)
         padded.extend([0] * (self.capacity - len(padded)))
+        self.meta.check(self.table_offset >> self.cluster_bits, self.table_clusters,
+                        "writing the refcount table", ignore=qm.REFCOUNT_TABLE)
         pwrite_full(self.fd, to_be(padded), self.table_offset)
         self.table_dirty = False
 
     def extend_file(self) -> None:
         """Make the file cover every counted cluster, so no refcount points past its end."""
         end = self.next_free * self.cs
-        if os.fstat(self.fd).st_size < end:
+        if os.fstat(self.fd).st_size <= end - self.cs:   # a partial last cluster is fine
             os.ftruncate(self.fd, end)
         self.file_size = max(self.file_size, end)
+
+
+def runs(clusters):
+    """Coalesce sorted cluster indices into (start, count) runs."""
+    start = prev = None
+    for c in clusters:
+        if prev is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = c
+    if start is not None:
+        yield start, prev - start + 1

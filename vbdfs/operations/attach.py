@@ -88,11 +88,12 @@ def check_mount(store: Store, mountpoint: str) -> str:
     if os.path.realpath(source) != store.root:
         raise AttachError(f"{mp} is a vbdfs mount of {source}, not of the store {store.root}")
     try:
-        os.stat(mp)
+        os.statvfs(mp)        # not stat: the kernel may answer that from its cache
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            raise AttachError(f"the vbdfs daemon serving {mp} is gone: unmount it "
-                              f"(fusermount3 -u {mp}) and start the daemon again") from None
+            raise AttachError(f"the vbdfs daemon serving {mp} is gone: start it again "
+                              "(it cleans up the dead mount), then run `vbdctl recover`"
+                              ) from None
         raise
     return mp
 

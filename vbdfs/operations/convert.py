@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..images import FORMATS, ImageError, create_image, open_image
+from ..images import NEW_FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from ..store import Store, leases
 from ..store.store import CONVERT_JOURNAL, convert_temps, write_atomic
@@ -31,8 +31,8 @@ from .transfer import SparseHash, TransferError, checksum_text, copy_image, writ
 
 def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | None = None,
                  node: str = "", progress=None) -> dict:
-    if to not in FORMATS:
-        raise TransferError(f"cannot convert to {to!r} (one of {', '.join(FORMATS)})")
+    if to not in NEW_FORMATS:
+        raise TransferError(f"cannot convert to {to!r} (one of {', '.join(NEW_FORMATS)})")
     with store.lock(name):
         m = store.load(name)
         d = m.disk(disk)

@@ -75,7 +75,7 @@ import struct
 import threading
 import time
 
-from ..images import Image, ImageError, Kind, create_image, open_image
+from ..images import Image, ImageError, Kind, copy_format, create_image, open_image
 from ..images.base import is_zero
 from ..images.confined import open_regular
 from ..images.fileops import fsync_dir
@@ -372,7 +372,7 @@ def export_instance(store: Store, name: str, dest_dir: str, fmt: str | None = No
         disks = []
         with _new_export_dir(final + ".new") as tmp:
             for d in m.disks:
-                dfmt = fmt or d.format
+                dfmt = fmt or copy_format(d.format)
                 dump = f"{d.name}.{dfmt}"
                 with _open_source(store, m, d) as src:
                     try:
@@ -605,7 +605,7 @@ def import_stream(store: Store, f, name: str | None = None, directory: str | Non
         out = []
         for d in m.disks:
             what = f"import from stream: disk {d.name}"
-            tfmt, tdrv = fmt or d.format, driver or d.driver
+            tfmt, tdrv = fmt or copy_format(d.format), driver or d.driver
             h, pos, data = SparseHash(d.size), 0, 0
             with create_image(os.path.join(staged, d.name), tfmt, d.size) as dst, \
                     writer(dst) as put:

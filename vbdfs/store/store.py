@@ -623,15 +623,18 @@ def _head(path: str, n: int, root: str | None) -> bytes:
 
 
 def probe_format(path: str, root: str) -> str:
-    """'qcow2' or 'raw' from the file's header. Only for adoption: the result is
-    recorded in the manifest and the file is never probed again."""
+    """'qcow2', 'qcow' (version 1) or 'raw' from the file's header. Only for
+    adoption: the result is recorded in the manifest and the file is never
+    probed again."""
     head = _head(path, 8, root)
     if head[:4] == qcow2_header.MAGIC:
         version = struct.unpack(">I", head[4:8])[0] if len(head) == 8 else 0
         if version in (2, 3):
             return "qcow2"
-        raise StoreError(f"{path} is a qcow version {version} image; only qcow2 (versions 2 "
-                         "and 3) is supported (convert it with qemu-img convert -O qcow2)")
+        if version == 1:
+            return "qcow"
+        raise StoreError(f"{path} is a qcow version {version} image; only versions 1 (qcow) "
+                         "2 and 3 (qcow2) are supported")
     return "raw"
 
 
