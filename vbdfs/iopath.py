@@ -10,19 +10,20 @@ The daemon option io= chooses, for all disks:
   threads  every read, write and flush runs in a worker thread.
   auto     (default) inline when the request would not wait for the store,
            in a worker thread when it would and other requests are queued or
-           in flight (a lone request gains nothing from a thread):
-           - raw reads (and writes where the filesystem allows it) try
-             preadv2/pwritev2 with RWF_NOWAIT inline: EAGAIN means "would
-             wait". Local filesystems support it for reads; FUSE clients
-             (GlusterFS) and ext4's buffered writes answer EOPNOTSUPP, and
-           - there the disk's observed latency decides: a moving average of
-             each read's time in the image over SLOW_NS sends reads to threads,
-             under FAST_NS brings them back inline.
-           - writes without RWF_NOWAIT run inline: buffered writes to one
-             file are serialised by the kernel's inode lock on a FUSE client,
-             or absorbed by the page cache (or GlusterFS's write-behind), so
-             threads overlap them little. Measured on the delayed GlusterFS
-             store (tools/bench-slow), 4 KiB writes at QD16: inline 1.6x
+           in flight (a lone request gains nothing from a thread). "Would
+           wait" is:
+           - for raw images, EAGAIN from preadv2/pwritev2 with RWF_NOWAIT,
+             tried inline first. Local filesystems have it for reads; FUSE
+             clients (GlusterFS) answer EOPNOTSUPP, as ext4 does for
+             buffered writes. Without it:
+           - for reads, the disk's observed latency: a moving average of
+             each read's time in the image over SLOW_NS sends reads to
+             threads, under FAST_NS brings them back inline;
+           - writes run inline: buffered writes to one file are serialised
+             by the kernel's inode lock on a FUSE client, or absorbed by the
+             page cache (or GlusterFS's write-behind), so threads overlap
+             them little. Measured on the delayed GlusterFS store
+             (tools/bench-slow), 4 KiB writes at QD16: inline 1.6x
              qemu-storage-daemon, latency-chosen threads 0.7x (threads
              queued on the inode lock look slow, and stay in threads).
            Flushes run in a thread (fsync waits for the store).
