@@ -92,6 +92,21 @@ async def in_thread(fn, *args):
         _handed_off -= 1
 
 
+_buffer = memoryview(bytearray(0))
+
+
+def _scratch(size: int) -> memoryview:
+    """One reused buffer for the reads served inline with RWF_NOWAIT: a new
+    bytearray per read is zeroed first, which cost 1 MiB reads ~15% (A/B
+    against io=inline's pread). Safe only because the handler returns the
+    view and pyfuse3 sends the reply before any other task runs (no await
+    in between); a read that goes to a thread gets its own bytes."""
+    global _buffer
+    if len(_buffer) < size:
+        _buffer = memoryview(bytearray(size))
+    return _buffer
+
+
 def others_waiting() -> bool:
     """Would a thread let this request overlap with another one?"""
     return _handed_off > 0 or fuseloop.requests_waiting()
@@ -145,7 +160,7 @@ class DiskIO:
             return await self._locked(False, self.image.read, off, size)
         if self.mode == "auto" and self.read_nowait:
             try:
-                data = self.image.read_nowait(off, size)
+                data = self.image.read_nowait(off, size, _scratch(size))
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise

@@ -51,17 +51,18 @@ class RawImage(Image):
             data += pread_full(self.fd, length - len(data), offset + len(data))
         return data
 
-    def read_nowait(self, offset: int, length: int):
-        """The bytes if the page cache holds them all, else None (reading would
-        wait for the store). OSError EOPNOTSUPP where the filesystem has no
+    def read_nowait(self, offset: int, length: int, buf: memoryview):
+        """Read into buf (at least `length` bytes long) if the page cache holds
+        it all: the bytes read (a view of buf), else None (reading would wait
+        for the store). OSError EOPNOTSUPP where the filesystem has no
         RWF_NOWAIT (FUSE clients such as GlusterFS's)."""
         length = self.clamp_read(offset, length)
-        buf = bytearray(length)
+        view = buf[:length]
         try:
-            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            n = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
-        return buf if n == length else None
+        return view if n == length else None
 
     def write_nowait(self, offset: int, data) -> int:
         """Write what can be written without waiting for the store; how many
