@@ -78,7 +78,8 @@ HEADER_CASES = [
     ("unknown_compression_type", [(">Q", 72, 1 << 3), (">B", 104, 2)],
      "unknown compression type 2"),
     ("compression_bit_with_zlib", [(">Q", 72, 1 << 3)], "compression_type is zlib"),
-    ("extended_l2", [(">Q", 72, 1 << 4)], "extended L2"),
+    ("extended_l2_small_clusters", [(">Q", 72, 1 << 4), (">I", 20, 13)],
+     "extended L2 entries need clusters of at least 16384"),
     ("encrypted_aes", [(">I", 32, 1)], "encrypt"),
     ("encrypted_luks", [(">I", 32, 2)], "encrypt"),
     ("bad_magic", [(">4s", 0, b"QFI\0")], "bad magic"),
@@ -332,29 +333,43 @@ def test_bad_l1_entry_fails_at_access(good, tmp_path):
             img.read(0, 512)
 
 
-def test_corrupt_and_dirty_bits_force_read_only(good, tmp_path):
-    for name, bit, why in [("corrupt", 2, "marked corrupt"), ("dirty", 1, "marked dirty")]:
-        path = patched(good, tmp_path, name, (">Q", 72, bit))
-        before = sha(path)
-        with Qcow2Image(str(path)) as img:
-            assert img.read_only
-            assert img.read(0, 4) == b"\x5a" * 4
-            with pytest.raises(ReadOnlyImage, match=why):
-                img.write(0, b"x")
-            with pytest.raises(ReadOnlyImage, match=why):
-                img.resize(32 * MiB)
-        assert sha(path) == before
+def test_corrupt_bit_forces_read_only(good, tmp_path):
+    path = patched(good, tmp_path, "corrupt", (">Q", 72, 2))
+    before = sha(path)
+    with Qcow2Image(str(path)) as img:
+        assert img.read_only
+        assert img.read(0, 4) == b"\x5a" * 4
+        with pytest.raises(ReadOnlyImage, match="marked corrupt"):
+            img.write(0, b"x")
+        with pytest.raises(ReadOnlyImage, match="marked corrupt"):
+            img.resize(32 * MiB)
+    assert sha(path) == before
 
 
-def test_other_refcount_widths_read_only(tmp_path):
+def test_dirty_bit_repaired_on_writable_open_only(good, tmp_path):
+    """A dirty image reads as it is when opened read-only (nothing changes) and is
+    repaired (bit cleared, refcounts rebuilt) when opened for writing."""
+    path = patched(good, tmp_path, "dirty", (">Q", 72, 1))
+    before = sha(path)
+    with Qcow2Image(str(path), read_only=True) as img:
+        assert img.read(0, 4) == b"\x5a" * 4 and img.read_only_reason is None
+    assert sha(path) == before
+    with Qcow2Image(str(path)) as img:
+        assert not img.read_only and "marked dirty" in img.repaired
+        img.write(0, b"x")
+    assert struct.unpack_from(">Q", path.read_bytes(), 72)[0] == 0
+    assert qemu_img("check", path).returncode == 0
+
+
+def test_other_refcount_widths_writable(tmp_path):
     path = tmp_path / "r32.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=32", path, MiB)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 4k", str(path)],
                    check=True, capture_output=True)
     with Qcow2Image(str(path)) as img:
         assert img.read(0, 4096) == b"\x07" * 4096
-        with pytest.raises(ReadOnlyImage, match="32-bit refcounts"):
-            img.write(0, b"x")
+        img.write(65536, b"x" * 512)
+    assert qemu_img("check", path).returncode == 0
 
 
 def _layout(path):

@@ -23,8 +23,10 @@ and refcount blocks are evicted mid-workload), zero writes (v3 zero flags, v2
 unmaps), v2 zeroing over a backing file (in-place punches), clusters freed and
 then allocated again, grows (the L1 table moves), copy-on-write of clusters
 and L2 tables shared with an internal snapshot (made by qemu-img snapshot -c),
-and refcount growth (512-byte clusters: a new refcount block every 128 KiB,
-and the refcount table moves). The number of states checked is printed (pytest -s) and asserted.
+refcount growth (512-byte clusters: a new refcount block every 128 KiB,
+and the refcount table moves), extended L2 entries over a backing file, and
+the repair of a dirty image (lazy refcounts after a killed qemu-io) at open,
+whose dirty states are judged after their own repair. The number of states checked is printed (pytest -s) and asserted.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import select
 import subprocess
 
 import pytest
 
-from vbdfs.images import fileops
+from vbdfs.images import fileops, qcow2
 from vbdfs.images.qcow2 import Qcow2Image
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -104,6 +107,14 @@ def run_workload(path, steps, monkeypatch, small_caches=False) -> Trace:
     """Apply steps ("w", off, data) | ("z", off, n) | ("r", size) | ("f",) through Qcow2Image."""
     base = path.read_bytes()
     rec = Recorder(monkeypatch)
+    real_open = qcow2.open_regular
+
+    def opening(*args):     # recorded from the open on: a dirty image is repaired there
+        fd = real_open(*args)
+        if rec.fd is None:
+            rec.fd = fd
+        return fd
+    monkeypatch.setattr(qcow2, "open_regular", opening)
     img = Qcow2Image(str(path))
     if small_caches:    # dirty L2 tables and refcount blocks evicted (written) all the time
         img._cache_max, img.rc.cache_max = 4, 2
@@ -201,9 +212,11 @@ def window_states(pending, rng):
 
 # --- checking one state -----------------------------------------------------------------------
 class Checker:
-    def __init__(self, tmp_path, snapshot: tuple[str, bytes] | None = None):
+    def __init__(self, tmp_path, snapshot: tuple[str, bytes] | None = None,
+                 repair_dirty: bool = False):
         self.path = tmp_path / "state.qcow2"
         self.snapshot = snapshot
+        self.repair_dirty = repair_dirty    # a dirty state is judged after its repair
         self.seen: set[bytes] = set()
         self.checked = 0
 
@@ -215,6 +228,9 @@ class Checker:
         self.checked += 1
         with open(self.path, "wb") as f:
             f.write(state)
+        if self.repair_dirty and state[79] & 1:     # the dirty bit: repaired on open
+            with Qcow2Image(str(self.path)) as img:
+                assert img.repaired or img.read_only_reason, f"{what}: dirty, not repaired"
         # qemu-img check runs while this process reads the state itself.
         qemu = subprocess.Popen(["qemu-img", "check", "-f", "qcow2", "-U", str(self.path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -441,6 +457,59 @@ def test_power_loss_states_snapshot_cow(tmp_path, monkeypatch):
     enumerate_states(trace, checker, "snap")
     report("snapshot-cow", trace, checker)
     assert checker.checked >= 100
+
+
+def test_power_loss_states_dirty_repair(tmp_path, monkeypatch):
+    """A lazy-refcounts image left dirty by a killed qemu-io: the repair at the
+    writable open, then random writes. Every state a power cut leaves, dirty or
+    not, is repaired (if dirty) and then passes qemu-img check and holds the
+    data."""
+    path = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "lazy_refcounts=on,cluster_size=4096", str(path), "2M"], check=True)
+    qemu = subprocess.Popen(["qemu-io", "-f", "qcow2", str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = b""
+    try:
+        for i, cmd in enumerate([b"write -P 0x5a 0 256k\n", b"write -P 0x6b 1M 100k\n"]):
+            qemu.stdin.write(cmd)       # one at a time: qemu-io reads its next command
+            qemu.stdin.flush()          # only after answering this one
+            while out.count(b"wrote") <= i:
+                assert select.select([qemu.stdout], [], [], 10)[0], out
+                out += os.read(qemu.stdout.fileno(), 4096)
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert path.read_bytes()[79] & 1, "qemu left no dirty bit"
+    content = bytearray(2 * MiB)
+    content[:256 * KiB] = b"\x5a" * (256 * KiB)
+    content[MiB:MiB + 100 * KiB] = b"\x6b" * (100 * KiB)
+    trace = run_workload(path, random_writes(random.Random("dirty"), 2 * MiB, 20, 12000),
+                         monkeypatch)
+    trace.initial = bytes(content)
+    checker = Checker(tmp_path, repair_dirty=True)
+    enumerate_states(trace, checker, "dirty")
+    report("dirty-repair", trace, checker)
+    assert checker.checked >= 50
+
+
+def test_power_loss_states_extended_l2(tmp_path, monkeypatch):
+    """Subclusters (extended_l2=on, 16 KiB clusters: 512-byte subclusters) over a
+    backing file: allocation and zero bits, partial subclusters completed."""
+    base = tmp_path / "base.raw"
+    content = random.Random("extbase").randbytes(2 * MiB)
+    base.write_bytes(content)
+    path = tmp_path / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "extended_l2=on,cluster_size=16k", "-b", "base.raw", "-F", "raw",
+                    str(path), "2M"], check=True, cwd=tmp_path)
+    trace = run_workload(path, random_writes(random.Random("ext"), 2 * MiB, 40, 20000),
+                         monkeypatch)
+    trace.initial = content
+    checker = Checker(tmp_path)         # beside base.raw: it stays the states' backing
+    enumerate_states(trace, checker, "ext")
+    report("extended-l2-backing", trace, checker)
+    assert checker.checked >= 50
 
 
 def report(name, trace, checker):

@@ -25,8 +25,10 @@ import pyfuse3
 
 from . import iopath
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
+from .images.cold import ColdImage
 from .images.confined import UnsafeFile, stat_regular
-from .images.fileops import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .images.fileops import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+                             drop_cache)
 from .store import Manifest, Store, leases
 from .store.names import InvalidName
 
@@ -46,6 +48,10 @@ XATTR_NODE = b"user.vbdfs.node"
 XATTR_PID = b"user.vbdfs.pid"
 ROOT_XATTRS = (XATTR_NODE, XATTR_PID)
 _FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+# On a Ganeti volume's disk: this node's write lease, "none", "shared" or
+# "exclusive"; the ExtStorage open and close scripts set it (README "Ganeti").
+XATTR_LEASE = b"user.vbdfs.lease"
+LEASE_MODES = ("none", "shared", "exclusive")
 
 
 def contained(handler):
@@ -90,6 +96,12 @@ class OpenDisk:
             if self.lease is not None:
                 self.lease.release()
                 self.lease = None
+
+    @property
+    def lease_mode(self) -> str:
+        if self.lease is None:
+            return "none"
+        return "shared" if self.lease.shared else "exclusive"
 
 
 class VbdFs(pyfuse3.Operations):
@@ -228,9 +240,15 @@ class VbdFs(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         key = self._key(inode)
         current = self._attr(inode)
-        if fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
-            # A disk's size changes only through `vbdctl grow`: O_TRUNC or
+        if fields.update_size and len(key) == 2 and attr.st_size != self._image_size(inode, key):
+            # Only to the size the manifest already records (vbdctl or the
+            # Ganeti provider wrote it, under the instance lock): O_TRUNC or
             # ftruncate from a careless tool must not destroy a disk.
+            if attr.st_size != self._disk(key).size or attr.st_size < current.st_size:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self._grow(inode, key, attr.st_size)
+            current = self._attr(inode)
+        elif fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -295,6 +313,9 @@ class VbdFs(pyfuse3.Operations):
         key = self._key(inode)
         if key == () and name in ROOT_XATTRS:
             return (self.node if name == XATTR_NODE else str(os.getpid())).encode()
+        if len(key) == 2 and name == XATTR_LEASE:
+            od = self._open.get(inode)
+            return (od.lease_mode if od else "none").encode()
         if len(key) != 2 or name not in XATTRS + (XATTR_READ_ONLY,):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         disk = self._disk(key)
@@ -313,7 +334,18 @@ class VbdFs(pyfuse3.Operations):
 
     @contained
     async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
+        key = self._key(inode)
+        if name != XATTR_LEASE or len(key) != 2:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        mode = value.decode("ascii", "replace")
+        if mode not in LEASE_MODES:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self._manifest(key[0]).ganeti is None:
+            raise pyfuse3.FUSEError(errno.EPERM)   # other disks' leases follow their opens
+        od = self._open.get(inode)
+        if od is None or not od.writable:
+            raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
+        self._set_lease(inode, key, od, mode)
 
     @contained
     async def removexattr(self, inode, name, ctx):
@@ -374,8 +406,16 @@ class VbdFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=True)
 
     def _open_disk(self, key: tuple, writable: bool) -> OpenDisk:
-        """Open the image; a writer first takes the disk's write lease."""
+        """Open the image; a writer first takes the disk's write lease.
+
+        A Ganeti volume opened for writing takes no lease: Ganeti attaches it
+        on a migration's target while the source writes, and Ganeti's open
+        script gives the lease (setxattr user.vbdfs.lease). Until then it
+        reads afresh each time and refuses writes (EROFS).
+        """
         lease = None
+        if writable and self._manifest(key[0]).ganeti is not None:
+            return OpenDisk(self._cold(key, writable=False), True)
         if writable:
             # Lease first, manifest after (in _open_image): vbdctl convert holds
             # the lease across its image swap and manifest rename, so a disk
@@ -393,7 +433,7 @@ class VbdFs(pyfuse3.Operations):
                 self._log_once(key, f"unavailable: {e}")
                 raise pyfuse3.FUSEError(errno.EIO) from None
         try:
-            image = self._open_image(key, writable)
+            image = self._fresh_image(key, writable)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -417,10 +457,103 @@ class VbdFs(pyfuse3.Operations):
             self._log_once(key, f"unavailable: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
         self._note_read_only(key, image.read_only_reason)
+        if getattr(image, "repaired", None):
+            log.warning("instance %s disk %s: %s", key[0], key[1], image.repaired)
         if image.size != disk.size:
             log.warning("instance %s disk %s: image is %d bytes, manifest says %d; "
                         "serving the image's size", key[0], key[1], image.size, disk.size)
         return image
+
+    def _fresh_image(self, key: tuple, writable: bool) -> Image:
+        """The image as the storage has it now: another node may have written it
+        since this one last read it (shared storage), so drop our cached pages first."""
+        try:
+            drop_cache(self._disk(key).path)
+        except OSError:
+            pass                  # _open_image reports a missing or unreadable file
+        return self._open_image(key, writable)
+
+    def _cold(self, key: tuple, writable: bool) -> ColdImage:
+        return ColdImage(lambda read_only: self._fresh_image(key, not read_only), writable)
+
+    def _set_lease(self, inode: int, key: tuple, od: OpenDisk, mode: str) -> None:
+        """Move a Ganeti volume's lease on this node to mode (none, shared, exclusive).
+
+        The image is served warm (cached) only by the one writer: exclusive,
+        or shared after exclusive (a migration's source, still the writer).
+        Every other way into a lease starts from the image as it is on disk
+        now, and giving the lease up flushes first. See README "Ganeti".
+        """
+        if mode == od.lease_mode:
+            return
+        disk = self._disk(key)
+        if mode == "none":
+            old, od.image = od.image, self._cold(key, writable=False)
+            old.close()                      # flushed: on disk before the lease goes
+            od.lease.release()
+            od.lease = None
+            return
+        if mode == "shared" and od.lease is not None:
+            od.image.flush()                 # from exclusive: keep serving warm, on disk now
+            od.lease.set_shared(True)
+            return
+        fresh = od.lease is None
+        try:
+            if fresh:
+                od.lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0],
+                                          key[1], self.node, shared=mode == "shared",
+                                          root=self.store.disk_root(disk.path))
+            else:
+                od.lease.set_shared(False, disk.path)
+        except leases.LeaseBusy as e:
+            log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
+        try:
+            od.image.flush()
+            new = self._cold(key, True) if mode == "shared" else self._fresh_image(key, True)
+        except BaseException:
+            if fresh:
+                od.lease.release()
+                od.lease = None
+            else:
+                od.lease.set_shared(True)
+            raise
+        old, od.image = od.image, new
+        old.close()
+
+    def _image_size(self, inode: int, key: tuple) -> int:
+        od = self._open.get(inode)
+        if od is not None:
+            return od.image.size
+        with self._fresh_image(key, False) as img:
+            return img.size
+
+    def _grow(self, inode: int, key: tuple, size: int) -> None:
+        """Grow a disk's image to size (the manifest's): in place if this
+        daemon writes it, else under a lease of its own for the resize."""
+        od = self._open.get(inode)
+        if od is not None and od.lease_mode == "exclusive" and not isinstance(od.image, ColdImage):
+            od.image.resize(size)
+            od.image.flush()
+            return
+        disk = self._disk(key)
+        try:
+            lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0], key[1],
+                                   self.node, by="vbdfs grow", root=self.store.disk_root(disk.path))
+        except leases.LeaseBusy as e:
+            log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
+        try:
+            with self._fresh_image(key, True) as img:
+                img.resize(size)
+                img.flush()
+        finally:
+            lease.release()
+        if od is not None and isinstance(od.image, ColdImage):
+            od.image.size = size              # it learns sizes only when it opens
+        elif od is not None:
+            old, od.image = od.image, self._fresh_image(key, False)   # a cached reader
+            old.close()
 
     def _log_once(self, key: tuple, message: str, level: int = logging.ERROR) -> None:
         """Log an instance's or disk's error once, not at every request that meets it."""

@@ -28,7 +28,7 @@ log = logging.getLogger("vbdctl")
 # command -> the module that registers it, in the order --help lists them.
 COMMANDS = {
     "list": "instances", "add": "instances", "info": "instances", "remove": "instances",
-    "grow": "instances", "rename": "instances",
+    "grow": "instances", "rename": "instances", "check": "check",
     "attach": "attach", "detach": "attach",
     "xen-config": "xen",
     "export": "transfer", "import": "transfer", "convert": "transfer", "mount": "transfer",
@@ -36,6 +36,7 @@ COMMANDS = {
     "modify": "failover", "failover-check": "failover", "migrate-check": "failover",
     "failover": "failover",
     "daemon-stop": "daemon", "recover": "daemon",
+    "ganeti-install": "ganeti",
 }
 GLOBAL_OPTIONS_WITH_VALUE = {"--config", "--store", "--mountpoint", "--node", "--whitelist"}
 

@@ -41,7 +41,16 @@ def instance_summary(store, name: str) -> dict:
     read_only = {d.name: r for d in m.disks if (r := store.read_only_reason(d))}
     return {"name": name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
             "disks": len(m.disks), "size": sum(d.size for d in m.disks), "allocated": allocated,
-            "formats": sorted({d.format for d in m.disks}), "read_only": read_only}
+            "formats": sorted({d.format for d in m.disks}), "read_only": read_only,
+            "ganeti": m.ganeti}
+
+
+def ganeti_owner(metadata: str | None) -> str:
+    """The Ganeti column: '-' for vbdctl's instances, 'unclaimed' for a volume
+    no Ganeti instance took (setinfo never ran: an orphan if Ganeti gave up)."""
+    if metadata is None:
+        return "-"
+    return metadata or "unclaimed"
 
 
 def cmd_list(ctx, args):
@@ -53,13 +62,14 @@ def cmd_list(ctx, args):
         rows = []
         for it in items:
             if "error" in it:
-                rows.append([it["name"], "-", "-", "-", "-", "ERROR: " + it["error"], ""])
+                rows.append([it["name"], "-", "-", "-", "-", "-", "-", "ERROR: " + it["error"]])
             else:
                 rows.append([it["name"], it["disks"], human_size(it["size"]),
                              human_size(it["allocated"]), ",".join(it["formats"]),
-                             it["primary"] or "-", ",".join(it["read_only"]) or "-"])
+                             it["primary"] or "-", ",".join(it["read_only"]) or "-",
+                             ganeti_owner(it["ganeti"])])
         print_table(rows, ["Instance", "Disks", "Size", "Allocated", "Format", "Primary",
-                           "Read-only"])
+                           "Read-only", "Ganeti"])
     return 1 if any("error" in it for it in items) else 0
 
 
@@ -252,10 +262,13 @@ def instance_info(store, mountpoint: str, node: str, name: str) -> dict:
         disks.append({"disk": d.name, "index": d.index, "format": d.format,
                       "driver": d.driver, "size": d.size, "allocated": allocated,
                       "path": d.path, "view": attach.view_path(mountpoint, name, d.name),
-                      "attachment": records.get(d.name), "error": error,
+                      "attachment": records.get(d.name) or next(
+                          (r for k, r in sorted(records.items())
+                           if k.startswith(d.name + "@")), None),
+                      "error": error,
                       "read_only": None if error else store.read_only_reason(d)})
     return {"name": m.name, "os": m.os, "primary": m.primary, "secondary": m.secondary,
-            "disks": disks}
+            "ganeti": m.ganeti, "disks": disks}
 
 
 def cmd_info(ctx, args):
@@ -265,7 +278,9 @@ def cmd_info(ctx, args):
         emit_json(info)
         return 1 if broken else 0
     print(f"Instance {info['name']}  OS {info['os'] or '-'}  primary {info['primary'] or '-'}"
-          f"  secondary {info['secondary'] or '-'}")
+          f"  secondary {info['secondary'] or '-'}"
+          + (f"  Ganeti volume of {ganeti_owner(info['ganeti'])}"
+             if info["ganeti"] is not None else ""))
     rows = []
     for d in info["disks"]:
         a = d["attachment"]

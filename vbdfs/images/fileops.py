@@ -66,6 +66,19 @@ def start_writeback(fd: int) -> None:
         pass
 
 
+def drop_cache(path: str) -> None:
+    """Forget this node's cached pages of a file, so the next reads come from
+    the storage. On shared storage another node may have written the file:
+    a Gluster client keeps a file's pages across opens, and a node that
+    becomes the writer read its own old writes back (the Ganeti migration
+    test, Gluster 10.3). Pages are per file, so any descriptor will do."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def data_runs(fd: int, start: int, end: int):
     """Yield (offset, length) of the data runs of fd within [start, end).
 

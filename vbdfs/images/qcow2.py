@@ -39,18 +39,23 @@ What this engine does, and the choices it makes:
   touched (its writes pass the check too), and a crash around it leaves the
   bit set or not. Version 2 headers have no such bit: read-only in memory.
   Metadata that overlaps other metadata is refused at a writable open.
-* Refused at open (ImageError naming the feature): encryption, external data
-  file, extended L2 entries, unknown incompatible bits or compression types,
-  zstd compression without the zstandard module, and every header value
-  outside qemu's limits. Compressed clusters (zlib or zstd: qcow2_compress)
-  are read, and rewritten plain when written to.
-* Opened read-only instead of writable (writes raise ReadOnlyImage saying
-  why): the corrupt bit; the dirty bit (refcounts may be stale and are not
-  rebuilt here: run `qemu-img check -r all`); refcount widths other than 16
-  bits.
+* Refused at open (ImageError naming the feature): encryption, unknown
+  incompatible bits or compression types, zstd compression without the
+  zstandard module, internal snapshots together with an external data file,
+  and every header value outside qemu's limits. Compressed clusters (zlib or
+  zstd: qcow2_compress) are read, and rewritten plain when written to.
+* Every refcount width (1 to 64 bits: qcow2_refcount), extended L2 entries
+  (qcow2_subclusters) and external data files (`data_file`, opened like a
+  backing file, below; data at its guest offset without refcounts) are
+  read and written.
+* The dirty bit is repaired on a writable open (qcow2_check.rebuild,
+  crash-safe; `repaired` says what was done); an image it cannot repair, and
+  one with the corrupt bit, opens read-only (writes raise ReadOnlyImage
+  saying why).
 * Unknown autoclear bits (e.g. bitmaps, which are not maintained here) are
-  cleared before the first write; unknown header fields and extensions are
-  kept because header rewrites only patch fixed fields.
+  cleared before the first write (data_file_raw is kept: it stays true);
+  unknown header fields and extensions are kept because header rewrites
+  only patch fixed fields.
 * Backing files: the name is resolved relative to the image's directory and,
   with `store_root`, must be a regular file inside it, reached through no
   symlink (the image itself too: confined.open_regular). The format comes from the
@@ -74,6 +79,7 @@ from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
                       start_writeback)
 from .qcow2_refcount import Refcounts, load_be, to_be
+from .qcow2_subclusters import SubclusterMixin
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -101,7 +107,7 @@ class _L2:
         self.dirty = dirty
 
 
-class Qcow2Image(Image):
+class Qcow2Image(SubclusterMixin, Image):
     format = "qcow2"
 
     def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
@@ -109,6 +115,7 @@ class Qcow2Image(Image):
         """Open an image. `backing_format` is used only when the image does not record
         its backing file's format itself; `store_root` confines it and its backing files."""
         self.fd = open_regular(path, os.O_RDONLY if read_only else os.O_RDWR, store_root)
+        self.dfd = self.fd          # where guest data lives: see _open_data_file
         self.backing = None
         try:
             self._open(path, read_only, store_root, backing_format, _chain)
@@ -117,6 +124,8 @@ class Qcow2Image(Image):
             raise
 
     def _open(self, path, read_only, store_root, backing_format, chain) -> None:
+        self.repaired = None
+        unrepaired = None if read_only else self._repair_if_dirty(path)
         st = os.fstat(self.fd)
         head = os.pread(self.fd, 512, 0)
         bits = int.from_bytes(head[20:24], "big") if len(head) >= 24 else 0
@@ -126,17 +135,14 @@ class Qcow2Image(Image):
         self.version = h.version
         self.cluster_bits = bits = h.cluster_bits
         self.cs = cs = h.cluster_size
-        self.l2_bits = bits - 3
+        self.ext = bool(h.incompatible_features & qh.INCOMPAT_EXTL2)    # qcow2_subclusters
+        self.l2_bits = bits - (4 if self.ext else 3)
         self.l2_mask = (1 << self.l2_bits) - 1
         self.read_only_reason = None
         if h.incompatible_features & qh.INCOMPAT_CORRUPT:
             self.read_only_reason = "the image is marked corrupt"
-        elif h.incompatible_features & qh.INCOMPAT_DIRTY:
-            self.read_only_reason = ("the image is marked dirty (refcounts may be stale; "
-                                     "repair with 'qemu-img check -r all')")
-        elif h.refcount_order != 4:
-            self.read_only_reason = (f"{1 << h.refcount_order}-bit refcounts are only "
-                                     f"supported read-only")
+        elif unrepaired:
+            self.read_only_reason = unrepaired
         super().__init__(path, h.size, read_only or self.read_only_reason is not None)
 
         self.l1 = load_be(self.fd, "Q", h.l1_size * 8, h.l1_table_offset)
@@ -156,12 +162,37 @@ class Qcow2Image(Image):
         self._retired: list[tuple[int, int, int]] = []   # (kind, first, n): see _sync step 5
         self.meta = qm.MetadataMap()
         self.rc = None
+        if h.data_file:
+            self._open_data_file(h, store_root)
         if not self.read_only:
             self._map_metadata(h, st.st_size)
             self.rc = Refcounts(self.fd, path, bits, h.refcount_table_offset,
-                                h.refcount_table_clusters, st.st_size, self.meta)
+                                h.refcount_table_clusters, st.st_size, self.meta,
+                                h.refcount_order)
         if h.backing_file:
             self.backing = self._open_backing(h, store_root, backing_format, chain)
+
+    def _repair_if_dirty(self, path: str) -> str | None:
+        """Rebuild the refcounts of an image left dirty by a crash under lazy
+        refcounts, before anything else reads them (crash-safe: qcow2_check).
+        `repaired` says what was done, for the caller to log; returns why the
+        image stays read-only if it could not be repaired."""
+        head = os.pread(self.fd, qh.V3_LEN, 0)
+        if len(head) < qh.V3_LEN or head[72 + 7] & qh.INCOMPAT_DIRTY == 0 or \
+                int.from_bytes(head[4:8], "big") != 3:
+            return
+        st = os.fstat(self.fd)
+        bits = head[23]
+        cs = 1 << bits if qh.MIN_CLUSTER_BITS <= bits <= qh.MAX_CLUSTER_BITS else 512
+        h = qh.Header(path, pread_full(self.fd, min(cs, st.st_size), 0), st.st_size)
+        if h.incompatible_features & qh.INCOMPAT_DIRTY and not (
+                h.incompatible_features & qh.INCOMPAT_CORRUPT):
+            from .qcow2_check import rebuild
+            try:
+                self.repaired = "the image was marked dirty; " + rebuild(self.fd, h, path)
+            except ImageError as e:
+                return f"the image is marked dirty and was not repaired: {e}"
+        return None
 
     def _map_metadata(self, h: qh.Header, file_size: int) -> None:
         """Record where the metadata lies (the refcount structures are added by
@@ -205,6 +236,54 @@ class Qcow2Image(Image):
                              f"{qm.describe(hit[1])} (image is corrupt)")
         self.meta.add(kind, offset >> self.cluster_bits, n)
 
+    def _open_data_file(self, h: qh.Header, store_root: str | None) -> None:
+        """Guest data in an external data file (`data_file`): opened by the rules of
+        backing files (relative to the image's directory, inside the store, no
+        symlink). Its clusters have no refcounts; a new one goes at its guest
+        offset, as qemu places them, which also keeps a `data_file_raw` file
+        equal to the disk."""
+        name = h.data_file
+        if h.nb_snapshots:
+            raise ImageError(f"{self.path}: internal snapshots with an external data file "
+                             f"are not supported (qemu refuses them too)")
+        target = self._confined_target(name, store_root, "external data file")
+        try:
+            self.dfd = open_regular(target, os.O_RDONLY if self.read_only else os.O_RDWR,
+                                    store_root)
+        except FileNotFoundError:
+            raise ImageError(f"{self.path}: external data file {name!r} ({target}) not "
+                             f"found") from None
+        except OSError as e:
+            raise ImageError(f"{self.path}: external data file {name!r}: {e}") from None
+        self.data_file = target
+        self._data_end = max(os.fstat(self.dfd).st_size, -(-self.size // self.cs) * self.cs)
+        self._host = self._data_host      # host offsets are data file offsets
+
+    def _data_host(self, e: int, g: int) -> int:
+        """_host() for an external data file: offsets within the virtual size
+        (0 is one: COPIED tells it from unallocated, as in qemu)."""
+        off = e & OFFSET_MASK
+        if e & L2_RESERVED or off & (self.cs - 1) or off >= self._data_end:
+            raise ImageError(f"{self.path}: L2 entry for guest offset {g << self.cluster_bits:#x} "
+                             f"({e:#x}) is invalid or points outside the data file")
+        return off
+
+    def _confined_target(self, name: str, store_root: str | None, what: str) -> str:
+        """The file `name` (from the image) names, relative to the image's directory;
+        with store_root, refused unless it resolves inside it (then opened as named,
+        so that open_regular refuses any symlink on the way)."""
+        me = os.path.realpath(self.path)
+        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
+        if store_root is not None:
+            root = os.path.realpath(store_root)
+            if os.path.commonpath([root, target]) != root:
+                raise ImageError(f"{self.path}: {what} {name!r} resolves to {target}, "
+                                 f"outside the store {root}")
+            # Opened as named, below the root: open_regular refuses any symlink
+            # on the way, including one swapped in after the check above.
+            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
+        return target
+
     def _open_backing(self, h, store_root, backing_format, chain) -> Image:
         me = os.path.realpath(self.path)
         name = h.backing_file
@@ -216,15 +295,7 @@ class Qcow2Image(Image):
         if fmt not in ("raw", "qcow2", "qcow"):
             raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
                              f"format {fmt!r}")
-        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
-        if store_root is not None:
-            root = os.path.realpath(store_root)
-            if os.path.commonpath([root, target]) != root:
-                raise ImageError(f"{self.path}: backing file {name!r} resolves to {target}, "
-                                 f"outside the store {root}")
-            # Opened as named, below the root: open_regular refuses any symlink
-            # on the way, including one swapped in after the check above.
-            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
+        target = self._confined_target(name, store_root, "backing file")
         chain = chain | {me}
         if os.path.realpath(target) in chain:
             raise ImageError(f"{self.path}: backing chain loops back to {target}")
@@ -343,6 +414,10 @@ class Qcow2Image(Image):
         if not e:
             return _UNALLOC, 0
         if e & COMPRESSED:
+            if self.dfd != self.fd:
+                raise ImageError(f"{self.path}: compressed cluster in an image with an "
+                                 f"external data file (guest offset "
+                                 f"{g << self.cluster_bits:#x})")
             return _COMPRESSED, e
         if e & ZERO_FLAG:
             if self.version < 3:
@@ -352,10 +427,14 @@ class Qcow2Image(Image):
                 self._host(e & ~ZERO_FLAG, g)
             return _ZERO, 0
         off = self._host(e, g)
-        return (_DATA, off) if off else (_UNALLOC, 0)
+        if off or (e & COPIED and self.dfd != self.fd):   # a data file's offset 0 is COPIED
+            return _DATA, off
+        return _UNALLOC, 0
 
     def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or entry, length) of the longest uniform run at pos."""
+        if self.ext:
+            return self._x_map(pos, end)
         bits = self.cluster_bits
         g = pos >> bits
         l1i = g >> self.l2_bits
@@ -433,15 +512,15 @@ class Qcow2Image(Image):
         end = offset + length
         kind, host, n = self._map(offset, end)
         if n == length and kind == _DATA:           # the common case: one pread
-            data = os.pread(self.fd, n, host)
+            data = os.pread(self.dfd, n, host)
             if len(data) != n:          # rare: carry on from where the read stopped
-                data += pread_full(self.fd, n - len(data), host + len(data))
+                data += pread_full(self.dfd, n - len(data), host + len(data))
             return data
         parts = []
         pos = offset
         while True:
             if kind == _DATA:
-                parts.append(pread_full(self.fd, n, host))
+                parts.append(pread_full(self.dfd, n, host))
             elif kind == _ZERO:
                 parts.append(bytes(n))
             elif kind == _UNALLOC:
@@ -478,7 +557,8 @@ class Qcow2Image(Image):
         return out
 
     def allocated(self) -> int:
-        return allocated_bytes(self.fd)
+        extra = allocated_bytes(self.dfd) if self.dfd != self.fd else 0
+        return allocated_bytes(self.fd) + extra
 
     # --- writing -------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -490,8 +570,9 @@ class Qcow2Image(Image):
 
     def _begin(self) -> None:
         """Before the first change: drop autoclear bits we do not maintain (e.g. bitmaps)."""
-        if self.hdr.autoclear_features:
-            self._write_header(autoclear_features=0)
+        keep = qh.AUTOCLEAR_DATA_FILE_RAW if self.dfd != self.fd else 0   # kept true
+        if self.hdr.autoclear_features & ~keep:
+            self._write_header(autoclear_features=self.hdr.autoclear_features & keep)
             os.fsync(self.fd)
         self._begun = True
 
@@ -546,15 +627,20 @@ class Qcow2Image(Image):
         """Before a shared L2 table is copied for a write: refuse the write if it
         would hit metadata (_write_table checks too, but only after the copy)."""
         bits, ents = self.cluster_bits, self._l2(l1i).entries
+        stride = 2 if self.ext else 1
         for g in range(pos >> bits, ((end - 1) >> bits) + 1):
-            if ents[g & self.l2_mask] & (COMPRESSED | OFFSET_MASK):
-                self._check_free(ents[g & self.l2_mask], g, "writing")
+            e = ents[stride * (g & self.l2_mask)]
+            if e & (COMPRESSED | OFFSET_MASK):
+                self._check_free(e, g, "writing")
 
     def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int) -> None:
         """Write mv[pos-base:end-base], which lies within the guest range of table t."""
+        if self.ext:
+            return self._x_write_table(t, pos, end, mv, base)
         bits, cs = self.cluster_bits, self.cs
         ents = t.entries
-        fd = self.fd
+        fd = self.dfd
+        external = fd != self.fd
         while pos < end:
             g = pos >> bits
             i = g & self.l2_mask
@@ -592,7 +678,7 @@ class Qcow2Image(Image):
             for x in range(i, j):
                 if ents[x] & (COMPRESSED | OFFSET_MASK):
                     self._check_free(ents[x], g + x - i)
-            h0, k = self._alloc_some(j - i)
+            h0, k = (g << bits, j - i) if external else self._alloc_some(j - i)
             if k < j - i:       # a smaller free run: write that much now
                 j = i + k
                 run_end = min(end, (g + k) << bits)
@@ -601,12 +687,16 @@ class Qcow2Image(Image):
             lo = pos & (cs - 1)
             if lo:
                 old = self._content(ents[i], g)
+                if old is None and external:    # its place in the data file: not fresh
+                    old = self._zeros
                 if old is not None:
                     fills.append((old[:lo], h0))
             hi = run_end & (cs - 1)
             if hi:
                 if not (lo and k == 1):     # same cluster as the head: reuse its content
                     old = self._content(ents[j - 1], g + k - 1)
+                    if old is None and external:
+                        old = self._zeros
                 if old is not None:
                     fills.append((old[hi:], h0 + ((k - 1) << bits) + hi))
             pwrite_full(fd, mv[pos - base:run_end - base], h0 + lo)
@@ -621,7 +711,7 @@ class Qcow2Image(Image):
     def _check_guest(self, first: int, n: int, action: str, g: int) -> None:
         """The overlap check for a change of guest cluster g's host clusters (the
         message is only built on a hit: this runs on every write)."""
-        if self.meta.hit(first, n) is not None:
+        if self.meta.hit(first, n) is not None and self.dfd == self.fd:
             self.meta.check(first, n, f"{action} guest offset {g << self.cluster_bits:#x}")
 
     def _check_free(self, e: int, g: int, action: str = "freeing the old cluster of") -> None:
@@ -637,7 +727,7 @@ class Qcow2Image(Image):
         if kind == _COMPRESSED:
             return self._decompress(host, g)
         if kind == _DATA:
-            return pread_full(self.fd, self.cs, host)
+            return pread_full(self.dfd, self.cs, host)
         data = self._backing_read(g << self.cluster_bits, self.cs)
         return None if self.backing is None or is_zero(data) else data
 
@@ -667,6 +757,8 @@ class Qcow2Image(Image):
     def _release(self, e: int) -> None:
         """Queue the host clusters of a replaced entry (checked with _check_free)
         for decref at the next flush."""
+        if self.dfd != self.fd:
+            return          # data file clusters have no refcounts
         first, n = self._span(e)
         if n == 1:
             self._pending_free.append(first)
@@ -695,6 +787,8 @@ class Qcow2Image(Image):
 
     # --- zeroing ---------------------------------------------------------------------
     def _zero(self, offset: int, length: int) -> None:
+        if self.ext:
+            return self._x_zero(offset, length)
         self._dirty = True
         bits, cs = self.cluster_bits, self.cs
         pos, end = offset, offset + length
@@ -724,6 +818,8 @@ class Qcow2Image(Image):
         """Make whole guest clusters [g0, g1) of one L2 table read as zeros."""
         mask = self.l2_mask
         no_backing = self.backing is None
+        if self.dfd != self.fd:
+            return self._zero_data_file_clusters(l1i, g0, g1)
         if self.version >= 3:
             want = lambda e: ZERO_FLAG                           # noqa: E731
         elif no_backing:
@@ -754,11 +850,30 @@ class Qcow2Image(Image):
                 ents[i] = want(e)
             elif e & (COPIED | COMPRESSED | ZERO_FLAG) == COPIED:
                 host = self._host(e, g)
-                if not punch_hole(self.fd, host, self.cs):
-                    pwrite_full(self.fd, self._zeros, host)
+                if not punch_hole(self.dfd, host, self.cs):
+                    pwrite_full(self.dfd, self._zeros, host)
             else:
                 self._release(e)
                 ents[i] = self._alloc_some(1)[0] | COPIED
+        t.dirty = True
+
+    def _zero_data_file_clusters(self, l1i: int, g0: int, g1: int) -> None:
+        """With an external data file: punch the clusters there and map them (a
+        raw data file stays equal to the disk)."""
+        t = self._l2(l1i)
+        mask, cs, bits = self.l2_mask, self.cs, self.cluster_bits
+        if t is None and self.backing is None:
+            return
+        if t is not None and self.backing is None and all(
+                t.entries[g & mask] in (0, ZERO_FLAG) for g in range(g0, g1)):
+            return
+        t = self._l2_for_write(l1i)
+        for g in range(g0, g1):
+            e = t.entries[g & mask]
+            host = self._host(e & ~ZERO_FLAG, g) if e & (OFFSET_MASK | COPIED) else g << bits
+            if not punch_hole(self.dfd, host, cs):
+                pwrite_full(self.dfd, self._zeros, host)
+            t.entries[g & mask] = host | COPIED
         t.dirty = True
 
     # --- durability --------------------------------------------------------------------
@@ -770,6 +885,8 @@ class Qcow2Image(Image):
         # Guest data only: cached metadata waits for flush() and its ordering.
         if not self.read_only and self.fd >= 0:
             start_writeback(self.fd)
+            if self.dfd != self.fd:
+                start_writeback(self.dfd)
 
     def _sync(self) -> None:
         """Write cached metadata in crash-safe order (see the module docstring)."""
@@ -788,6 +905,8 @@ class Qcow2Image(Image):
         # 1. guest data and refcount increments (including new metadata clusters)
         rc.extend_file()
         rc.write_blocks()
+        if self.dfd != fd:
+            os.fsync(self.dfd)
         os.fsync(fd)
         # 2. the refcount table that points at any new refcount block
         if rc.table_dirty:
@@ -929,6 +1048,8 @@ class Qcow2Image(Image):
             self._zero(old_size, top - old_size)
         self._hdr_fields["size"] = new_size
         self.size = new_size
+        if self.dfd != self.fd:
+            self._data_end = max(self._data_end, -(-new_size // self.cs) * self.cs)
         self._sync()
 
     def close(self) -> None:
@@ -943,6 +1064,9 @@ class Qcow2Image(Image):
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+        if self.dfd >= 0 and self.dfd != self.fd:
+            os.close(self.dfd)
+        self.dfd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

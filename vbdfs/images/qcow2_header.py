@@ -33,6 +33,10 @@ MAX_BACKING_NAME = 1023
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_EXTL2 = 1 << 4
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+MIN_EXTL2_CLUSTER_BITS = 14     # qemu: subclusters need clusters of 16 KiB or more
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
                    3: "compression type", 4: "extended L2 entries"}
 
@@ -40,6 +44,7 @@ _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
+EXT_DATA_FILE = 0x44415441
 
 # Fixed fields a rewrite may change: name -> (struct format, byte offset).
 _FIELDS = {
@@ -158,7 +163,12 @@ class Header:
                       f"(size {self.file_size})")
 
     def _check_features(self, raw: bytes) -> None:
-        bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
+        bits = self.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT
+                                              | INCOMPAT_EXTL2 | INCOMPAT_DATA_FILE)
+        if self.incompatible_features & INCOMPAT_EXTL2 and \
+                self.cluster_bits < MIN_EXTL2_CLUSTER_BITS:
+            self.fail(f"extended L2 entries need clusters of at least "
+                      f"{1 << MIN_EXTL2_CLUSTER_BITS} bytes (cluster_bits {self.cluster_bits})")
         self.compression_type = ctype = raw[104] if self.header_length > 104 else 0
         if ctype and not bits & INCOMPAT_COMPRESSION:
             self.fail(f"compression_type {ctype} set without its feature bit")
@@ -223,6 +233,22 @@ class Header:
             self.fail("backing file name is not valid UTF-8")
 
     @property
+    def data_file(self) -> str | None:
+        """The external data file's name (relative to the image's directory), or None."""
+        if not self.incompatible_features & INCOMPAT_DATA_FILE:
+            return None
+        for etype, data in self.extensions:
+            if etype == EXT_DATA_FILE:
+                name = data.rstrip(b"\0")
+                if not name or b"\0" in name or len(name) > MAX_BACKING_NAME:
+                    self.fail("invalid external data file name")
+                try:
+                    return name.decode()
+                except UnicodeDecodeError:
+                    self.fail("external data file name is not valid UTF-8")
+        self.fail("the image uses an external data file but does not record its name")
+
+    @property
     def backing_format(self) -> str | None:
         for etype, data in self.extensions:
             if etype == EXT_BACKING_FORMAT:
@@ -278,6 +304,24 @@ def snapshot_l1_tables(hdr: Header, read) -> tuple[int, list[tuple[int, int]]]:
         hdr._check_table(f"snapshot {i}'s L1 table", l1_offset, l1_size * 8)
         tables.append((l1_offset, l1_size))
     return (end - hdr.snapshots_offset if tables else 0), tables
+
+
+def data_file_of(path: str, root: str) -> str | None:
+    """The external data file name the qcow2 image at path records, or None (also
+    for anything that is not a readable qcow2 image: the caller probes later)."""
+    import os
+    from .confined import open_regular
+    try:
+        fd = open_regular(path, os.O_RDONLY, root)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, 1 << 16, 0)
+        return Header(path, head, os.fstat(fd).st_size).data_file
+    except (ImageError, OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def l1_entries_for(size: int, cluster_bits: int) -> int:

@@ -1,4 +1,13 @@
-"""qcow2 refcounts (16-bit only) and the cluster allocator.
+"""qcow2 refcounts (every width: 1 to 64 bits) and the cluster allocator.
+
+A refcount block is held in memory as a native array of one entry per
+cluster, whatever the width on disk (chosen at open, like qemu's get/set
+functions): 8, 16, 32 and 64-bit blocks load with one byteswap ('B', 'H',
+'I'/'L', 'Q'), 1, 2 and 4-bit blocks are unpacked into one byte per entry
+when loaded and packed when written. So the allocator's search is one
+array.index at every width, and 16 bits (the default) costs what it did.
+A count above the width's maximum is refused (RefcountOverflow) before
+anything changes.
 
 Refcount blocks are cached in a bounded LRU and written by the image's flush,
 before any L2/L1 entry that points at a newly counted cluster (crash
@@ -59,6 +68,53 @@ def load_be(fd: int, typecode: str, nbytes: int, offset: int) -> array:
     return a
 
 
+class RefcountOverflow(ImageError):
+    """A count would not fit the image's refcount width (nothing was changed)."""
+
+
+def _wide_typecode(nbytes: int) -> str:
+    return next(tc for tc in "BHILQ" if array(tc).itemsize == nbytes)
+
+
+class RefcountCodec:
+    """Refcount blocks of one width, on disk <-> a native array of one entry per cluster."""
+
+    def __init__(self, order: int):
+        self.order = order
+        self.bits = 1 << order
+        self.max = (1 << self.bits) - 1
+        self.typecode = _wide_typecode(max(1, self.bits // 8))
+        if self.bits < 8:
+            w, k = self.bits, 8 // self.bits
+            # qemu packs narrow counts from the lowest bits of each byte up.
+            self._unpack = [bytes((v >> (w * j)) & self.max for j in range(k))
+                            for v in range(256)]
+            self._pack = {u: v for v, u in enumerate(self._unpack)}
+
+    def entries_per_cluster(self, cs: int) -> int:
+        return cs * 8 >> self.order
+
+    def load(self, raw: bytes) -> array:
+        if self.bits < 8:
+            return array("B", b"".join(map(self._unpack.__getitem__, raw)))
+        a = array(self.typecode, raw)
+        if _SWAP and self.bits > 8:
+            a.byteswap()
+        return a
+
+    def dump(self, a: array) -> bytes:
+        if self.bits < 8:
+            raw, k = a.tobytes(), 8 // self.bits
+            return bytes(map(self._pack.__getitem__,
+                             (raw[i:i + k] for i in range(0, len(raw), k))))
+        return to_be(a) if self.bits > 8 else a.tobytes()
+
+    def used_entries(self, raw: bytes) -> int:
+        """Entries up to the last non-zero one in a raw block."""
+        used = len(raw.rstrip(b"\0"))
+        return -(-used * 8 >> self.order) if used else 0
+
+
 def to_be(a: array) -> bytes:
     if not _SWAP:
         return a.tobytes()
@@ -69,20 +125,24 @@ def to_be(a: array) -> bytes:
 
 class Refcounts:
     def __init__(self, fd: int, path: str, cluster_bits: int, table_offset: int,
-                 table_clusters: int, file_size: int, meta: qm.MetadataMap):
+                 table_clusters: int, file_size: int, meta: qm.MetadataMap,
+                 refcount_order: int = 4):
         """`meta` holds the image's other metadata; the refcount table and blocks
         are added to it."""
         self.fd = fd
         self.path = path
         self.cluster_bits = cluster_bits
         self.cs = cs = 1 << cluster_bits
-        self.per_block = self.cs // 2                    # 16-bit entries
+        self.codec = codec = RefcountCodec(refcount_order)
+        self.per_block = codec.entries_per_cluster(cs)
+        self._ones = array(codec.typecode, [1])
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         self.table = load_be(fd, "Q", table_clusters * self.cs, table_offset)
         self.capacity = len(self.table)                  # entries the on-disk table holds
         self.blocks: OrderedDict[int, array] = OrderedDict()   # LRU
-        self.cache_max = max(8, RC_CACHE_BYTES // cs)
+        block_bytes = self.per_block * self._ones.itemsize     # in memory
+        self.cache_max = max(2 if block_bytes > cs else 8, RC_CACHE_BYTES // block_bytes)
         self.dirty: set[int] = set()
         self.table_dirty = False
         self.meta = meta
@@ -115,9 +175,9 @@ class Refcounts:
         pb = self.per_block
         for r in range(len(self.table) - 1, eof // pb - 1, -1):
             if self.table[r]:
-                used = pread_full(self.fd, self.cs, self.table[r]).rstrip(b"\0")
+                used = self.codec.used_entries(pread_full(self.fd, self.cs, self.table[r]))
                 if used:
-                    return max(eof, r * pb + (len(used) + 1) // 2)
+                    return max(eof, r * pb + used)
         return eof
 
     # --- lookup ---------------------------------------------------------------
@@ -128,7 +188,7 @@ class Refcounts:
             return b
         if r >= len(self.table) or not self.table[r]:
             return None
-        b = self.blocks[r] = load_be(self.fd, "H", self.cs, self.table[r])   # checked at open
+        b = self.blocks[r] = self.codec.load(pread_full(self.fd, self.cs, self.table[r]))
         if len(self.blocks) > self.cache_max:
             self._evict()
         return b
@@ -143,7 +203,7 @@ class Refcounts:
         off = self.table[r]
         self.meta.check(off >> self.cluster_bits, 1, f"writing refcount block {r}",
                         ignore=qm.REFCOUNT_BLOCK)
-        pwrite_full(self.fd, to_be(b), off)
+        pwrite_full(self.fd, self.codec.dump(b), off)
 
     def get(self, cluster: int) -> int:
         b = self._block(cluster // self.per_block)
@@ -218,7 +278,7 @@ class Refcounts:
         end = start + n
         for r in range(start // pb, (end - 1) // pb + 1):
             lo, hi = max(start, r * pb) - r * pb, min(end, (r + 1) * pb) - r * pb
-            self._block(r)[lo:hi] = array("H", [1]) * (hi - lo)
+            self._block(r)[lo:hi] = self._ones * (hi - lo)
             self.dirty.add(r)
 
     def freed(self, clusters: list[int]) -> None:
@@ -245,7 +305,7 @@ class Refcounts:
         self.table[r] = c << self.cluster_bits
         self.table_dirty = True
         self.meta.add(qm.REFCOUNT_BLOCK, c)
-        self.blocks[r] = array("H", bytes(self.cs))
+        self.blocks[r] = array(self.codec.typecode, bytes(self.per_block * self._ones.itemsize))
         self.dirty.add(r)
         if len(self.blocks) > self.cache_max:
             self._evict()

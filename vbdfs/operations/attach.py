@@ -16,7 +16,9 @@ through the daemon, which holds the image's metadata.
 
 Each attachment is recorded in STORE/.vbdfs/attachments/INSTANCE.json
 (replaced atomically, under the instance lock) with the node that made it,
-so `info` shows it and `remove` refuses. Records of this node are checked
+so `info` shows it and `remove` refuses. A record's key is the disk's name,
+or DISK@NODE for a disk that several nodes attach at once (a Ganeti volume
+during a live migration: per_node). Records of this node are checked
 against the kernel (sysfs's loop devices, tap-ctl list) and stale ones are
 ignored and dropped; records of another node cannot be checked here and
 count as live.
@@ -32,9 +34,11 @@ import time
 
 from ..store import Manifest, Store, StoreError
 from ..store.store import write_atomic
+from .loops import loop_devices, loop_dio, loop_list, view_path  # noqa: F401 (re-exported)
 from .tools import run_tool
 
 LOOP_DRIVERS = ("loop",)
+BUSY_WAIT = 2.0          # seconds a detached loop device may stay busy before we say so
 TAP_DRIVERS = ("blktap", "blktap2")
 
 
@@ -98,49 +102,9 @@ def check_mount(store: Store, mountpoint: str) -> str:
     return mp
 
 
-def view_path(mountpoint: str, instance: str, disk: str) -> str:
-    return os.path.join(os.path.normpath(os.path.abspath(mountpoint)), instance, disk)
-
-
 # --- the kernel's view --------------------------------------------------------
 def _run(args: list[str], what: str) -> str:
     return run_tool(args, what, AttachError)
-
-
-def loop_list(sysfs: str = "/sys/block") -> list[tuple[str, str, bool]]:
-    """Every loop device in use: (device, backing file, read-only).
-
-    Read from sysfs, where losetup reads it too (a bound loop device has
-    loop/backing_file): running `losetup --list` cost every in-use check a
-    fork and an exec.
-    """
-    out = []
-    for name in os.listdir(sysfs):
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"{sysfs}/{name}/loop/backing_file", encoding="utf-8",
-                      errors="surrogateescape") as f:
-                back = f.read().removesuffix("\n")
-            with open(f"{sysfs}/{name}/ro") as f:
-                read_only = f.read().strip() == "1"
-        except FileNotFoundError:      # not bound, or detached meanwhile
-            continue
-        out.append((f"/dev/{name}", back.removesuffix(" (deleted)"), read_only))
-    return sorted(out)
-
-
-def loop_devices() -> dict[str, str]:
-    """Every loop device in use: {device: backing file}."""
-    return {device: back for device, back, _ in loop_list()}
-
-
-def loop_dio(device: str) -> bool | None:
-    try:
-        with open(f"/sys/block/{os.path.basename(device)}/loop/dio") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return None
 
 
 def tap_ctl() -> str | None:
@@ -228,12 +192,17 @@ def _select(manifest: Manifest, disk: str | None):
     return [manifest.disk(disk)]
 
 
+def record_key(disk: str, node: str, per_node: bool) -> str:
+    return f"{disk}@{node}" if per_node else disk
+
+
 def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | None = None,
            read_only: bool = False, direct_io: bool = True,
-           driver: str | None = None) -> list[dict]:
+           driver: str | None = None, per_node: bool = False) -> list[dict]:
     """Attach one disk, or every disk with a Dom0 driver; return the new records.
 
     All or nothing: if one disk fails, the ones attached by this call are detached.
+    per_node: other nodes may have the disk attached too (records keyed DISK@NODE).
     """
     if driver is not None and driver not in LOOP_DRIVERS + TAP_DRIVERS:
         raise AttachError(f"cannot attach with driver {driver!r} "
@@ -253,8 +222,8 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                                   "nothing to attach in Dom0 (use --driver loop)")
         records = live_records(store, instance, node)
         for d in disks:
-            if d.name in records:
-                r = records[d.name]
+            if record_key(d.name, node, per_node) in records:
+                r = records[record_key(d.name, node, per_node)]
                 raise AttachError(f"instance {instance} disk {d.name} is already attached "
                                   f"as {r.get('device')} on node {r.get('node')}")
         made = []
@@ -272,7 +241,7 @@ def attach(store: Store, mountpoint: str, node: str, instance: str, disk: str | 
                                   view, read_only, direct_io)
                 rec["node"] = node
                 made.append(rec)
-                records[d.name] = rec
+                records[record_key(d.name, node, per_node)] = rec
             write_records(store, instance, records)
         except BaseException:
             for rec in reversed(made):
@@ -339,15 +308,32 @@ def _detach_one(instance: str, rec: dict) -> None:
         if loop_devices().get(device) != path:
             return
         _run(["losetup", "--detach", device], f"{what}: detaching {device}")
-        if loop_devices().get(device) == path:
-            # The kernel set autoclear: it goes once its last user closes it.
-            raise AttachError(f"{what}: {device} is busy (mounted or open?); it will "
-                              "detach when its last user closes it")
+        # Busy, the kernel set autoclear: it goes once its last user closes it.
+        # udev's probe of a new device is such a user for a moment: wait that out.
+        deadline = time.monotonic() + BUSY_WAIT
+        while loop_devices().get(device) == path:
+            if time.monotonic() > deadline:
+                raise AttachError(f"{what}: {device} is busy (mounted or open?); it will "
+                                  "detach when its last user closes it")
+            time.sleep(0.05)
         return
     for t in tap_devices():
         if t.get("args") == "aio:" + path:
             _run(["tap-ctl", "destroy", "-p", t["pid"], "-m", t["minor"]],
                  f"{what}: tap-ctl destroy")
+
+
+def detach_per_node(store: Store, node: str, instance: str, disk: str) -> dict | None:
+    """Detach this node's device of a disk attached per_node; None if it has none."""
+    with store.lock(instance):
+        records = read_records(store, instance)
+        rec = records.get(record_key(disk, node, True))
+        if rec is None:
+            return None
+        _detach_one(instance, rec)
+        del records[record_key(disk, node, True)]
+        write_records(store, instance, records)
+        return rec
 
 
 def detach(store: Store, node: str, instance: str, disk: str | None = None) -> list[dict]:

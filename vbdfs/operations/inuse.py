@@ -96,7 +96,8 @@ def users(store: Store, manifest: Manifest, mountpoint: str | None,
     loops = attach.loop_list()
     records = attach.live_records(store, manifest.name, node,
                                   loops={dev: back for dev, back, _ in loops})
-    for disk, r in sorted(records.items()):
+    for key, r in sorted(records.items()):
+        disk = key.partition("@")[0]        # DISK@NODE: attached per node (Ganeti)
         if not (writing_only and r.get("read_only")):
             out.append((disk, f"disk {disk} is attached as {r.get('device')} on node "
                               f"{r.get('node')}"))

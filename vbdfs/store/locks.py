@@ -35,6 +35,12 @@ def ofd_lock(fd: int, exclusive: bool = True, start: int = 0, length: int = 0,
         raise
 
 
+def ofd_unlock(fd: int, start: int = 0, length: int = 0) -> None:
+    """Drop this descriptor's lock on [start, start+length); the rest stay."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, start,
+                                                  length, 0))
+
+
 def ofd_test(fd: int, exclusive: bool = True, start: int = 0, length: int = 0) -> bool:
     """True if the lock could be taken now (F_OFD_GETLK)."""
     ltype = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 
 from ..images import FORMATS
@@ -19,6 +20,8 @@ VERSION = 1
 DRIVERS = ("loop", "blktap", "blktap2", "qdisk")
 MAX_DISKS = 128
 MAX_SIZE = (1 << 63) - 1    # the largest file size Linux has
+# What Ganeti's ExtStorageDevice.SetInfo passes on (it replaces anything else with '_').
+GANETI_METADATA_RE = re.compile(r"[-A-Za-z0-9_+.]{0,128}\Z")
 
 
 class ManifestError(Exception):
@@ -58,9 +61,12 @@ class Disk(types.SimpleNamespace):
 
 
 class Manifest(types.SimpleNamespace):
+    # ganeti: None for vbdctl's instances; for a Ganeti ExtStorage volume the
+    # metadata Ganeti gave with setinfo (e.g. "originstname+inst1"), "" until then.
     def __init__(self, name: str, disks: list[Disk], os: str = "", primary: str = "",
-                 secondary: str = ""):
-        super().__init__(name=name, disks=disks, os=os, primary=primary, secondary=secondary)
+                 secondary: str = "", ganeti: str | None = None):
+        super().__init__(name=name, disks=disks, os=os, primary=primary, secondary=secondary,
+                         ganeti=ganeti)
 
     def replace(self, **changes) -> "Manifest":
         return Manifest(**{**vars(self), **changes})
@@ -73,9 +79,12 @@ class Manifest(types.SimpleNamespace):
                          f"{', '.join(d.name for d in self.disks) or 'none'})")
 
     def to_dict(self) -> dict:
-        return {"version": VERSION, "name": self.name, "os": self.os,
-                "nodes": {"primary": self.primary, "secondary": self.secondary},
-                "disks": [d.to_dict() for d in self.disks]}
+        out = {"version": VERSION, "name": self.name, "os": self.os,
+               "nodes": {"primary": self.primary, "secondary": self.secondary},
+               "disks": [d.to_dict() for d in self.disks]}
+        if self.ganeti is not None:
+            out["ganeti"] = {"metadata": self.ganeti}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -135,4 +144,11 @@ class Manifest(types.SimpleNamespace):
                     or not isinstance(lid[2], str) or not os.path.isabs(lid[2])):
                 fail(f"disk {i} has a bad logical_id {lid!r}")
             disks.append(Disk(index=i, format=fmt, driver=drv, size=size, path=lid[2]))
-        return cls(name=name, disks=disks, **strs)
+        ganeti = raw.get("ganeti")
+        if ganeti is not None:
+            meta = ganeti.get("metadata") if isinstance(ganeti, dict) else None
+            if not isinstance(meta, str) or not GANETI_METADATA_RE.match(meta):
+                fail(f"ganeti metadata {meta!r} is not what Ganeti's setinfo gives "
+                     "(letters, digits, '-', '_', '+', '.'; at most 128)")
+            ganeti = meta
+        return cls(name=name, disks=disks, ganeti=ganeti, **strs)

@@ -270,8 +270,11 @@ class Store:
 
     # --- lifecycle -----------------------------------------------------
     def create(self, name: str, disks: list[DiskSpec], directory: str | None = None,
-               os_name: str = "", primary: str = "", secondary: str = "") -> Manifest:
-        """Create an instance with new sparse disks. On any error nothing is left behind."""
+               os_name: str = "", primary: str = "", secondary: str = "",
+               ganeti: str | None = None) -> Manifest:
+        """Create an instance with new sparse disks. On any error nothing is left behind.
+
+        ganeti: "" for a Ganeti ExtStorage volume (see Manifest)."""
         self._check_root()
         meta_dir = self.instance_dir(name)
         data_dir = self._data_dir(name, directory)
@@ -292,7 +295,7 @@ class Store:
                     os.mkdir(data_dir, 0o700)
                     made.append(data_dir)
                 m = Manifest(name=name, disks=[], os=os_name, primary=primary,
-                             secondary=secondary)
+                             secondary=secondary, ganeti=ganeti)
                 for i, spec in enumerate(disks):
                     path = os.path.join(data_dir, disk_name(i))
                     fmt = spec.format or "raw"
@@ -318,7 +321,8 @@ class Store:
         """Make an instance of disk files already in its directory (`reuse`).
 
         The files must be named sda, sdb, ... by index, be regular files with
-        one link, and be the only entries there. With disks=None every sdX
+        one link, and be the only entries there (but for the external data file
+        a qcow2 disk names next to it). With disks=None every sdX
         found is adopted. A disk's format, if not given, is probed here, once,
         and recorded; it is never probed again (a guest can write any header
         into a raw disk). On error nothing changes: adopted files stay as they were.
@@ -401,6 +405,10 @@ class Store:
         if extra:
             problems.append(f"not among the {len(disks)} disks to reuse: "
                             + ", ".join(os.path.join(data_dir, n) for n in extra))
+        if misnamed:    # a qcow2 disk's external data file, next to it, is its own
+            data_files = {qcow2_header.data_file_of(os.path.join(data_dir, found[i]), data_dir)
+                          for i in found}
+            misnamed = [e for e in misnamed if e not in data_files]
         if misnamed:
             problems.append("misnamed (disks must be named sda, sdb, ... by index): "
                             + ", ".join(os.path.join(data_dir, n) for n in misnamed))
@@ -551,7 +559,8 @@ class Store:
         return d
 
     def create_staged(self, name: str, fill, directory: str | None = None, os_name: str = "",
-                      primary: str = "", secondary: str = "") -> Manifest:
+                      primary: str = "", secondary: str = "",
+                      ganeti: str | None = None) -> Manifest:
         """Create an instance whose disk files fill(staged_dir) writes (import).
 
         fill runs under the instance's lock with a fresh hidden directory next
@@ -590,7 +599,7 @@ class Store:
                     os.mkdir(meta_dir, 0o700)
                     made.append(meta_dir)
                 m = Manifest(name=name, os=os_name, primary=primary, secondary=secondary,
-                             disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
+                             ganeti=ganeti, disks=[Disk(index=i, format=s.format, driver=s.driver, size=s.size,
                                          path=os.path.join(data_dir, disk_name(i)))
                                     for i, s in enumerate(disks)])
                 self.save(m)
