@@ -80,10 +80,9 @@ class OpenDisk:
     """One Image shared by every open file handle of a disk, its request path
     (DiskIO) and its write lease."""
 
-    __slots__ = ("image", "io", "opens", "writable", "lease")
+    __slots__ = ("io", "opens", "writable", "lease")
 
     def __init__(self, image: Image, writable: bool, lease=None, io_mode: str = "auto"):
-        self.image = image
         self.io = iopath.DiskIO(image, io_mode)
         self.opens = 0
         self.writable = writable
@@ -96,6 +95,14 @@ class OpenDisk:
             if self.lease is not None:
                 self.lease.release()
                 self.lease = None
+
+    @property
+    def image(self) -> Image:
+        return self.io.image
+
+    @image.setter
+    def image(self, image: Image) -> None:
+        self.io.image = image        # only with no request in flight: see DiskIO.image
 
     @property
     def lease_mode(self) -> str:
@@ -246,6 +253,11 @@ class VbdFs(pyfuse3.Operations):
             # ftruncate from a careless tool must not destroy a disk.
             if attr.st_size != self._disk(key).size or attr.st_size < current.st_size:
                 raise pyfuse3.FUSEError(errno.EPERM)
+            od = self._open.get(inode)
+            if od is not None:
+                await od.io.idle()      # _grow may resize or swap the Image under them
+                if self._open.get(inode) is not od:
+                    raise pyfuse3.FUSEError(errno.EAGAIN)   # released meanwhile: retry
             self._grow(inode, key, attr.st_size)
             current = self._attr(inode)
         elif fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
@@ -345,6 +357,9 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is None or not od.writable:
             raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
+        await od.io.idle()              # _set_lease swaps the Image: none may run on the old
+        if self._open.get(inode) is not od:
+            raise pyfuse3.FUSEError(errno.ENXIO)  # released while its requests ended
         self._set_lease(inode, key, od, mode)
 
     @contained
@@ -415,7 +430,7 @@ class VbdFs(pyfuse3.Operations):
         """
         lease = None
         if writable and self._manifest(key[0]).ganeti is not None:
-            return OpenDisk(self._cold(key, writable=False), True)
+            return OpenDisk(self._cold(key, writable=False), True, io_mode=self.io_mode)
         if writable:
             # Lease first, manifest after (in _open_image): vbdctl convert holds
             # the lease across its image swap and manifest rename, so a disk

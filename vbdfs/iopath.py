@@ -142,16 +142,28 @@ class DiskIO:
     def __init__(self, image, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r} (known: {', '.join(MODES)})")
-        self.image = image
         self.mode = mode
-        raw = image.format == "raw"
-        self.lock = None if raw else trio.Lock()
-        # RWF_NOWAIT: tried on raw images until the filesystem says it has none.
-        self.read_nowait = self.write_nowait = raw
+        # A disk's format never changes while it is open; its Image may (the
+        # Ganeti lease moves between a cached and a cold one): see image.
+        self.lock = None if image.format == "raw" else trio.Lock()
+        self.image = image
         self.latency = Latency()            # of reads
         self._tickets = 0
         self._active: dict[int, bool] = {}      # requests not done: ticket -> is a write
         self._done: trio.Event | None = None    # set when one of them ends
+
+    @property
+    def image(self):
+        return self._image
+
+    @image.setter
+    def image(self, image) -> None:
+        """Serve another Image of the same disk. The caller swaps only with no
+        request in flight (await idle() first), so none runs on the old one."""
+        self._image = image
+        # RWF_NOWAIT: tried where the Image offers it (raw), until the
+        # filesystem says it has none.
+        self.read_nowait = self.write_nowait = hasattr(image, "read_nowait")
 
     async def read(self, off: int, size: int):
         if self.mode == "inline":
