@@ -57,9 +57,11 @@ class Mount:
         except FileExistsError:        # a dead mount a killed daemon left there
             pass
         self.log = open(path + ".log", "w+")
+        # VBDFS_TEST_IO=threads runs every mount's disk I/O in worker threads.
+        io = ("-o", f"io={os.environ['VBDFS_TEST_IO']}") if os.environ.get("VBDFS_TEST_IO") else ()
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "vbdfs.daemon", store.root, path, "-f",
-             "-o", f"whitelist={store.whitelist_file}", *extra_args],
+             "-o", f"whitelist={store.whitelist_file}", *io, *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: os.path.ismount(path) or self.proc.poll() is not None,

@@ -29,7 +29,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
 from vbdfs.store import DiskSpec, Store  # noqa: E402
 
@@ -77,9 +78,9 @@ def fio(path: str, rw: str, bs: str, depth: int, size: int, runtime: int) -> dic
 
 
 @contextlib.contextmanager
-def serving(argv: list[str], mountpoint: str, what: str):
+def serving(argv: list[str], mountpoint: str, what: str, cwd: str = REPO):
     """Run a FUSE server until it has mounted mountpoint; SIGTERM it at the end."""
-    proc = subprocess.Popen(argv, cwd=os.path.dirname(HERE))
+    proc = subprocess.Popen(argv, cwd=cwd)
     try:
         wait_for(lambda: os.path.ismount(mountpoint), what)
         yield
@@ -88,10 +89,11 @@ def serving(argv: list[str], mountpoint: str, what: str):
         proc.wait(timeout=60)
 
 
-def vbdfs_mount(store: Store, mnt: str):
+def vbdfs_mount(store: Store, mnt: str, extra_args=(), tree: str = REPO):
+    """The vbdfs daemon of the source tree `tree` (another version, to compare)."""
     os.makedirs(mnt, exist_ok=True)
-    return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f"], mnt,
-                   "the vbdfs mount")
+    return serving([sys.executable, "-m", "vbdfs.daemon", store.root, mnt, "-f", *extra_args],
+                   mnt, "the vbdfs mount", cwd=tree)
 
 
 def qsd_export(image: str, fmt: str, export: str):
@@ -130,7 +132,7 @@ def prepare_images(work: str, fmt: str, size: int) -> dict:
     return images
 
 
-def bench_format(work: str, fmt: str, size: int, runtime: int, only: set) -> dict:
+def bench_format(work: str, fmt: str, size: int, runtime: int, only: set, args) -> dict:
     images = prepare_images(work, fmt, size)
     store = Store(os.path.join(work, f"store-{fmt}"))
     os.makedirs(store.root, exist_ok=True)
@@ -144,7 +146,8 @@ def bench_format(work: str, fmt: str, size: int, runtime: int, only: set) -> dic
     if "direct" in images:
         paths["direct"] = images["direct"]
     results = {}
-    with vbdfs_mount(store, mnt), qsd_export(images["qsd"], fmt, export):
+    vbdfs = vbdfs_mount(store, mnt, [f"-o{o}" for o in args.options], args.tree)
+    with vbdfs, qsd_export(images["qsd"], fmt, export):
         for name, rw, bs, depth in WORKLOADS:
             if only and not any(o in name for o in only):
                 continue
@@ -189,6 +192,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (>= 1024)")
     p.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
     p.add_argument("--only", default="", help="comma-separated workload name filters")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options for the vbdfs daemon (e.g. io=threads)")
+    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
+                   "(e.g. an unpacked `git archive` of another version, to compare)")
     p.add_argument("--workdir", help="where to put images (default: a temp dir under /var/tmp)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
@@ -205,7 +212,7 @@ def main() -> int:
     all_results = {}
     try:
         for fmt in args.formats.split(","):
-            all_results[fmt] = bench_format(work, fmt, args.size * MiB, args.runtime, only)
+            all_results[fmt] = bench_format(work, fmt, args.size * MiB, args.runtime, only, args)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from . import config as config_mod
-from . import fuseloop
+from . import fuseloop, iopath
 from .fs import VbdFs
 from .operations import attach, holders, recover
 from .store import Store, StoreError
@@ -41,7 +41,7 @@ IGNORED_OPTIONS = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users"
                    "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async",
                    "atime", "noatime", "relatime", "nofail", "_netdev"}
 FUSE_FLAGS = {"allow_other", "allow_root"}
-VALUED_OPTIONS = {"node", "config", "whitelist"}
+VALUED_OPTIONS = {"node", "config", "whitelist", "io"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORCE_SIGNAL = signal.SIGUSR1
 # While a stop waits for disks to be closed: how often to look again.
@@ -70,6 +70,9 @@ def parse_options(opts: list[str]) -> dict:
                 out["fuse"].add(name)
             elif name == "debug" and not eq:
                 out["debug"] = True
+            elif name == "io" and value not in iopath.MODES:
+                raise UsageError(f"io={value}: the I/O mode is one of "
+                                 f"{', '.join(iopath.MODES)}")
             elif name in VALUED_OPTIONS and eq and value:
                 out[name] = value
             else:
@@ -82,7 +85,10 @@ def parse_args(argv):
         prog="vbdfs",
         description="Serve a vbdfs store (raw and qcow2 disk images) as raw files over FUSE.",
         epilog="Options for -o: allow_other, allow_root, node=NAME, config=FILE, "
-               "whitelist=FILE, debug; generic mount options (rw, nosuid, nodev, "
+               "whitelist=FILE, debug, io=auto|inline|threads (how disk I/O runs: "
+               "inline on the daemon's thread, in worker threads so that requests "
+               "overlap on a slow store, or auto: threads only for requests that "
+               "would wait; default auto); generic mount options (rw, nosuid, nodev, "
                "_netdev, x-systemd.*, ...) are accepted and ignored. Defaults come from "
                "/etc/vbdfs/vbdfs.toml (or $VBDFS_CONFIG). SIGTERM, SIGINT or SIGHUP unmount once "
                "no disk is open or attached (until then the daemon logs what holds them "
@@ -224,7 +230,8 @@ class Stopper:
 async def serve(stopper: Stopper) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stopper.run)
-        await pyfuse3.main()
+        # Each task holds at most one request: this bounds memory (see iopath.py).
+        await pyfuse3.main(max_tasks=iopath.MAX_TASKS)
         nursery.cancel_scope.cancel()
 
 
@@ -249,7 +256,8 @@ def main(argv=None) -> int:
     setup_logging(args.foreground, opts["debug"])
     if cleaned:
         log.warning("%s", cleaned)
-    ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node)
+    ops = VbdFs(Store(store_dir, cfg.file_storage_paths), node=cfg.node,
+                io_mode=opts.get("io", "auto"))
     fuse_options = set(pyfuse3.default_options) | opts["fuse"]
     fuse_options |= {f"fsname={store_dir}", "subtype=vbdfs"}
     if opts["debug"]:

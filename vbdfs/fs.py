@@ -5,9 +5,11 @@
     /INSTANCE/sda          the disk's virtual contents, whatever its format
 
 This module only translates FUSE requests into store and Image calls. Image
-methods are synchronous and called straight from the handlers: on a 2-core
-Dom0 that beat handing each request to a thread (see DESIGN.md).
-The handlers never await; vbdfs/fuseloop.py relies on that.
+methods are synchronous; reads, writes, flushes, fallocate and lseek go
+through the disk's DiskIO (iopath.py), which calls them straight from the
+handler or, on a slow store, in a worker thread. A handler that touches an
+open Image must go through it too: a qcow2 engine must never be entered by
+two requests at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import stat
 
 import pyfuse3
 
+from . import iopath
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
 from .images.cold import ColdImage
 from .images.confined import UnsafeFile, stat_regular
@@ -74,12 +77,13 @@ def contained(handler):
 
 
 class OpenDisk:
-    """One Image shared by every open file handle of a disk, and its write lease."""
+    """One Image shared by every open file handle of a disk, its request path
+    (DiskIO) and its write lease."""
 
-    __slots__ = ("image", "opens", "writable", "lease")
+    __slots__ = ("io", "opens", "writable", "lease")
 
-    def __init__(self, image: Image, writable: bool, lease=None):
-        self.image = image
+    def __init__(self, image: Image, writable: bool, lease=None, io_mode: str = "auto"):
+        self.io = iopath.DiskIO(image, io_mode)
         self.opens = 0
         self.writable = writable
         self.lease = lease
@@ -91,6 +95,14 @@ class OpenDisk:
             if self.lease is not None:
                 self.lease.release()
                 self.lease = None
+
+    @property
+    def image(self) -> Image:
+        return self.io.image
+
+    @image.setter
+    def image(self, image: Image) -> None:
+        self.io.image = image        # only with no request in flight: see DiskIO.image
 
     @property
     def lease_mode(self) -> str:
@@ -105,10 +117,11 @@ class VbdFs(pyfuse3.Operations):
     # one copy of every written byte fewer (patches/pyfuse3-*-zero-copy-write).
     zero_copy_write = True
 
-    def __init__(self, store: Store, node: str = ""):
+    def __init__(self, store: Store, node: str = "", io_mode: str = "auto"):
         super().__init__()
         self.store = store
         self.node = node
+        self.io_mode = io_mode                     # see iopath.py
         self._inode_of: dict[tuple, int] = {(): ROOT}
         self._key_of: dict[int, tuple] = {ROOT: ()}
         self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
@@ -240,6 +253,11 @@ class VbdFs(pyfuse3.Operations):
             # ftruncate from a careless tool must not destroy a disk.
             if attr.st_size != self._disk(key).size or attr.st_size < current.st_size:
                 raise pyfuse3.FUSEError(errno.EPERM)
+            od = self._open.get(inode)
+            if od is not None:
+                await od.io.idle()      # _grow may resize or swap the Image under them
+                if self._open.get(inode) is not od:
+                    raise pyfuse3.FUSEError(errno.EAGAIN)   # released meanwhile: retry
             self._grow(inode, key, attr.st_size)
             current = self._attr(inode)
         elif fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
@@ -339,6 +357,9 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is None or not od.writable:
             raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
+        await od.io.idle()              # _set_lease swaps the Image: none may run on the old
+        if self._open.get(inode) is not od:
+            raise pyfuse3.FUSEError(errno.ENXIO)  # released while its requests ended
         self._set_lease(inode, key, od, mode)
 
     @contained
@@ -383,10 +404,12 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is None or (writable and not od.writable):
             new = self._open_disk(key, writable)
-            if od is not None:       # upgrade a read-only Image to read-write
-                new.opens = od.opens
-                od.close()
-            od = self._open[inode] = new
+            old, self._open[inode] = od, new
+            if old is not None:      # upgrade a read-only Image to read-write
+                new.opens = old.opens
+                await old.io.idle()  # its requests in flight end on it first
+                old.close()
+            od = new
         if writable and od.image.read_only_reason:
             # Refused here, not at the first write: losetup, attach and guests
             # learn it at once (the engine may also find corruption while open).
@@ -407,7 +430,7 @@ class VbdFs(pyfuse3.Operations):
         """
         lease = None
         if writable and self._manifest(key[0]).ganeti is not None:
-            return OpenDisk(self._cold(key, writable=False), True)
+            return OpenDisk(self._cold(key, writable=False), True, io_mode=self.io_mode)
         if writable:
             # Lease first, manifest after (in _open_image): vbdctl convert holds
             # the lease across its image swap and manifest rename, so a disk
@@ -434,7 +457,7 @@ class VbdFs(pyfuse3.Operations):
             image.close()
             lease.release()
             raise pyfuse3.FUSEError(errno.EROFS)
-        return OpenDisk(image, writable, lease)
+        return OpenDisk(image, writable, lease, self.io_mode)
 
     def _open_image(self, key: tuple, writable: bool) -> Image:
         disk = self._disk(key)
@@ -577,7 +600,7 @@ class VbdFs(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         try:
-            return self._open[fh].image.read(off, size)
+            return await self._open[fh].io.read(off, size)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception as e:          # ImageError, or a bug: this request fails, not the daemon
@@ -585,7 +608,8 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def write(self, fh, off, buf):
-        image = self._open[fh].image
+        od = self._open[fh]
+        image = od.image
         n = len(buf)
         if off + n > image.size:
             # A block device has no room past its end; the backing file never grows.
@@ -594,7 +618,7 @@ class VbdFs(pyfuse3.Operations):
             n = image.size - off
             buf = memoryview(buf)[:n]
         try:
-            image.write(off, buf)
+            await od.io.write(off, buf)
         except OSError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except OutOfRange:
@@ -613,7 +637,8 @@ class VbdFs(pyfuse3.Operations):
         # (Image.zero). Reserving space (mode 0 or KEEP_SIZE alone) is refused,
         # as qemu's export refuses it inside a disk: a thin disk cannot promise
         # it. Nothing may change the size: that is `vbdctl grow`'s job.
-        image = self._open[fh].image
+        od = self._open[fh]
+        image = od.image
         if mode & ~_FALLOC_MODES or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if off < 0 or length <= 0:
@@ -625,7 +650,7 @@ class VbdFs(pyfuse3.Operations):
             end = image.size    # as in a file: past the end there is nothing to free
         try:
             if off < end:
-                image.zero(off, end - off)
+                await od.io.zero(off, end - off)
         except ReadOnlyImage:
             raise pyfuse3.FUSEError(errno.EROFS) from None
 
@@ -635,22 +660,19 @@ class VbdFs(pyfuse3.Operations):
         # zero extents are holes, so cp --sparse and qemu-img map skip them.
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        pos = self._open[fh].image.seek(off, whence == os.SEEK_DATA)
+        pos = await self._open[fh].io.seek(off, whence == os.SEEK_DATA)
         if pos is None:
             raise pyfuse3.FUSEError(errno.ENXIO)
         return pos
 
-    def _flush(self, fh: int) -> None:
-        self._open[fh].image.flush()      # errors: mapped by @contained on the callers
-
     @contained
     async def flush(self, fh):
         # close(): make everything written so far reach the backing file durably.
-        self._flush(fh)
+        await self._open[fh].io.flush()
 
     @contained
     async def fsync(self, fh, datasync):
-        self._flush(fh)
+        await self._open[fh].io.flush()
 
     @contained
     async def release(self, fh):
@@ -658,6 +680,7 @@ class VbdFs(pyfuse3.Operations):
         od.opens -= 1
         if od.opens == 0:
             del self._open[fh]
+            await od.io.idle()
             try:
                 od.close()
             except (OSError, ImageError) as e:

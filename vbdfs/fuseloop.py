@@ -7,22 +7,23 @@ cost more than the I/O itself: profiling showed the daemon's single thread
 spending most of its time there.
 
 install() replaces pyfuse3's `_wait_fuse_readable` with a wrapper that, when
-the task that just served a request finds another one already waiting
-(poll with timeout 0), lets it read that request at once. Measured with
+a task that just served a request finds another one already waiting (poll
+with timeout 0), lets it read that request at once. Measured with
 tools/bench on raw images: 4 KiB random I/O at queue depth 16 went from
 ~0.6x to ~1x qemu-storage-daemon's FUSE export.
 
-Why it is safe: a request is read by exactly one task. The slow path is
-pyfuse3's own: one task at a time waits under its lock, and reads after it
-wakes. The fast path is taken only by the task that most recently read a
-request (`_receiver`), straight after serving it, without having yielded to
-trio in between; so no other task can have been woken for the request it
-takes. This holds because vbdfs's handlers never await (Image calls are
-synchronous): a handler that awaited could let a woken task and the fast
-path race for one request. Keep handlers synchronous, or remove this.
+Why it is safe, also with handlers that await (requests handed to worker
+threads, see iopath.py): a request is read by exactly one task, because
+every read follows, with no await in between, a poll that found a request
+queued. The fast path reads right after its poll. The slow path is pyfuse3's
+own (one task at a time waits under its lock for the fd to become readable)
+plus a poll after it wakes: a task woken for a request that another task's
+fast path took in the meantime finds nothing queued, and waits again instead
+of blocking the whole thread in read(2) on /dev/fuse.
 
 After a streak of fast reads the task takes the slow path once, so the other
-trio tasks (signal handling) get to run under sustained load.
+trio tasks (signal handling, finished thread hand-offs) get to run under
+sustained load.
 """
 
 from __future__ import annotations
@@ -40,20 +41,25 @@ MAX_STREAK = 64
 
 _original = None
 _poll = None
-_receiver = None
 _streak = 0
 
 
 async def _wait_fuse_readable():
-    global _receiver, _streak
-    task = trio.lowlevel.current_task()
-    if task is _receiver and _streak < MAX_STREAK and _poll.poll(0):
+    global _streak
+    if _streak < MAX_STREAK and _poll.poll(0):
         _streak += 1
         return True
     _streak = 0
-    ready = await _original()
-    _receiver = task if ready else None
-    return ready
+    while True:
+        ready = await _original()
+        if not ready or _poll.poll(0):
+            return ready
+        # Woken for a request another task's fast path has read since: wait again.
+
+
+def requests_waiting() -> bool:
+    """True if the kernel has a request queued that no task has read yet."""
+    return bool(_poll is not None and _poll.poll(0))
 
 
 def _session_fd():

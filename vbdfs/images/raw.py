@@ -51,6 +51,32 @@ class RawImage(Image):
             data += pread_full(self.fd, length - len(data), offset + len(data))
         return data
 
+    def read_nowait(self, offset: int, length: int, buf: memoryview):
+        """Read into buf (at least `length` bytes long) if the page cache holds
+        it all: the bytes read (a view of buf), else None (reading would wait
+        for the store). OSError EOPNOTSUPP where the filesystem has no
+        RWF_NOWAIT (FUSE clients such as GlusterFS's)."""
+        length = self.clamp_read(offset, length)
+        view = buf[:length]
+        try:
+            n = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        return view if n == length else None
+
+    def write_nowait(self, offset: int, data) -> int:
+        """Write what can be written without waiting for the store; how many
+        bytes that was (0: all of it would wait). OSError EOPNOTSUPP where the
+        filesystem has no RWF_NOWAIT for writes (ext4's buffered writes)."""
+        self.check_writable()
+        self.check_range(offset, len(data))
+        if is_zero(data):
+            return 0            # punching a hole may wait: write() does it
+        try:
+            return os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+
     def write(self, offset: int, data) -> None:
         self.check_writable()
         n = len(data)
