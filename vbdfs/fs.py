@@ -480,12 +480,16 @@ class VbdFs(pyfuse3.Operations):
         return image
 
     def _fresh_image(self, key: tuple, writable: bool) -> Image:
-        """The image as the storage has it now: another node may have written it
-        since this one last read it (shared storage), so drop our cached pages first."""
-        try:
-            drop_cache(self._disk(key).path)
-        except OSError:
-            pass                  # _open_image reports a missing or unreadable file
+        """The image as the storage has it now. A Ganeti volume's lease moves
+        between nodes while both have it attached (live migration), and another
+        node may have written it since this one last read it: drop our cached
+        pages first. Other disks keep theirs (a warm cache after every open;
+        their write lease is only ever taken at open, by one node)."""
+        if self._manifest(key[0]).ganeti is not None:
+            try:
+                drop_cache(self._disk(key).path)
+            except OSError:
+                pass              # _open_image reports a missing or unreadable file
         return self._open_image(key, writable)
 
     def _cold(self, key: tuple, writable: bool) -> ColdImage:
