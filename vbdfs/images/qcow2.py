@@ -433,8 +433,6 @@ class Qcow2Image(SubclusterMixin, Image):
 
     def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or entry, length) of the longest uniform run at pos."""
-        if self.ext:
-            return self._x_map(pos, end)
         bits = self.cluster_bits
         g = pos >> bits
         l1i = g >> self.l2_bits
@@ -442,6 +440,8 @@ class Qcow2Image(SubclusterMixin, Image):
         t = self._l2(l1i)
         if t is None:
             return _UNALLOC, 0, tab_end - pos
+        if self.ext:
+            return self._x_map(t.entries, pos, g, tab_end)
         ents = t.entries
         i = g & self.l2_mask
         kind, host = self._kind(ents[i], g)
