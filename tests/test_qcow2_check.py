@@ -23,16 +23,12 @@ import subprocess
 
 import pytest
 
+from conftest import qemu_img
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 from vbdfs.images.qcow2_refcount import RefcountOverflow
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
 
 
 def qemu_verdict(path) -> str:
