@@ -87,7 +87,6 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             fsync_dir(os.path.dirname(d.path))   # the image swap is on disk before the manifest's
             os.rename(journal, store.manifest_path(name))
             fsync_dir(store.instance_dir(name))
-            removed = _remove_owned(owned, what)
         except BaseException as e:
             if swapped:         # the image is the new one: the journal must survive
                 raise TransferError(f"{what}: the image is now {to} but the manifest was "
@@ -106,6 +105,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
         finally:
             for lease in held:
                 lease.release()
+        removed = _remove_owned(owned, what)     # the manifest no longer names it
     return {"instance": name, "disk": d.name, "from": d.format, "to": to, "size": d.size,
             "data_bytes": data, "allocated": allocated, "checksum": checksum_text(h.digest()),
             "removed": removed, "seconds": round(time.monotonic() - started, 3)}
