@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from . import qcow2_compress
+from . import _engine, qcow2_compress
 from .base import Image, ImageError
 from .fileops import pread_full
 
@@ -60,7 +60,6 @@ class QcowCommon:
             raise ImageError(f"{self.path}: backing chain loops back to {target}")
         if len(chain) >= MAX_CHAIN:
             raise ImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN}")
-        from . import _engine
         more = {} if fmt == "raw" else {"_chain": chain}    # a raw file names nothing
         try:
             return _engine(fmt)(target, read_only=True, store_root=store_root, **more)
