@@ -26,12 +26,12 @@ Choices:
   cluster offsets are checked against the file when used.
 * Backing files are resolved like qcow2's, by the same code (qcow_common:
   relative to the image, inside the store, no symlink, no loop, at most
-  MAX_CHAIN deep). A version 1 header has
-  no place for the backing file's format, and vbdfs never guesses a format
-  from content (CVE-2008-2004): the format is the caller's `backing_format`,
-  or raw, which reads the file's bytes and follows nothing. A backing file
-  that starts with a qcow magic is then refused rather than read as raw bytes
-  it is not (blktap, too, read a non-qcow backing file as raw).
+  MAX_CHAIN deep). A version 1 header has no place for the backing file's
+  format, and vbdfs never guesses a format from content (CVE-2008-2004): the
+  format is the caller's `backing_format`, or raw, which reads the file's
+  bytes and follows nothing. A backing file that starts with a qcow magic is
+  then refused rather than read as raw bytes it is not (blktap, too, read a
+  non-qcow backing file as raw).
 """
 
 from __future__ import annotations
