@@ -1,4 +1,5 @@
-"""Shared fixtures: a store, and a real vbdfs mount of it in a child process."""
+"""Shared fixtures and helpers: a store, a real vbdfs mount of it in a child
+process, and qemu-img / qemu-io as the judges of images."""
 
 from __future__ import annotations
 
@@ -133,3 +134,65 @@ def vbdctl_runner(store: Store, mountpoint: str | None = None, text: bool = True
 
 def make_instance(store: Store, name: str, *sizes: int, fmt: str = "raw"):
     return store.create(name, [DiskSpec(size=s, format=fmt) for s in sizes])
+
+
+# --- qemu as the judge of images ------------------------------------------------
+
+def qemu_img(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
+    """qemu-img with its output captured; check: raise unless it succeeds."""
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
+                          check=check, cwd=cwd)
+
+
+def qemu_io(path, *cmds, fmt="qcow2", cwd=None) -> None:
+    """qemu-io running cmds on the image; fails the test on any error it reports."""
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    r = subprocess.run(argv + [str(path)], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), r
+
+
+def qemu_random_writes(path, model: bytearray, rng, count: int) -> None:
+    """Sector-aligned writes and zero writes by qemu-io (so qemu lays the image
+    out), mirrored in model. Run in the image's directory, against which qemu
+    resolves a relative data file name."""
+    cmds = []
+    for _ in range(count):
+        off = rng.randrange(0, len(model) - 70000) // 512 * 512
+        n = rng.randrange(1, 130) * 512
+        if rng.random() < 0.3:
+            cmds.append(f"write -z {off} {n}")
+            model[off:off + n] = bytes(n)
+        else:
+            pat = rng.randrange(1, 255)
+            cmds.append(f"write -P {pat} {off} {n}")
+            model[off:off + n] = bytes([pat]) * n
+    qemu_io(path.name, *cmds, cwd=path.parent)
+
+
+def engine_random_writes(img, model: bytearray, rng, count: int) -> None:
+    """Writes of mixed sizes at unaligned offsets, zero writes and zero(), through
+    an Image, mirrored in model; a flush now and then."""
+    for _ in range(count):
+        off = rng.randrange(0, len(model) - 1)
+        n = min(rng.choice([1, 100, 511, 4096, 9000, 70000, 300000]), len(model) - off)
+        r = rng.random()
+        if r < 0.15:
+            img.zero(off, n)
+            data = bytes(n)
+        else:
+            data = bytes(n) if r < 0.25 else rng.randbytes(n)
+            img.write(off, data)
+        model[off:off + n] = data
+        if rng.random() < 0.05:
+            img.flush()
+
+
+def render_raw(path, tmp_path) -> bytes:
+    """The image's contents as `qemu-img convert -O raw` renders them."""
+    out = tmp_path / "rendered.raw"
+    if out.exists():
+        out.unlink()
+    qemu_img("convert", "-O", "raw", path, out)
+    return out.read_bytes()

@@ -447,6 +447,20 @@ class TestTwoNodes:
         yield two_nodes
         two_nodes.remove_all_instances()
 
+    def add(self, cluster, name, size, fmt, node):
+        """A one-disk instance on node: (its volume, its device)."""
+        cluster.gnt(*GNT_ADD, "-n", node.name,
+                    "--disk", f"0:size={size},provider=vbdfs,format={fmt}", name)
+        [(vol, dev)] = disks_of(cluster, name)
+        self.volumes[name] = [vol]
+        return vol, dev
+
+    def remove(self, cluster, name, files_before):
+        """Remove the instance: it leaves no store file and no loop device behind."""
+        cluster.gnt("gnt-instance", "remove", "-f", "--shutdown-timeout=0", name)
+        assert store_files(cluster) == files_before
+        assert no_loop_devices(cluster)
+
     def check_one_writer(self, cluster, name, where):
         """The instance runs on `where`, whose node alone holds each disk's write lease."""
         assert primary_of(cluster, name) == where.name
@@ -466,10 +480,7 @@ class TestTwoNodes:
         n1, n2 = cluster.nodes
         before = store_files(cluster)
         name = f"fo-{fmt}"
-        cluster.gnt(*GNT_ADD, "-n", n1.name,
-                    "--disk", f"0:size=32M,provider=vbdfs,format={fmt}", name)
-        [(vol, dev)] = disks_of(cluster, name)
-        self.volumes[name] = [vol]
+        vol, dev = self.add(cluster, name, "32M", fmt, n1)
         self.check_one_writer(cluster, name, n1)
         data = random.Random(fmt).randbytes(MiB)
         write_at(dev, 5 * MiB, data)
@@ -479,9 +490,7 @@ class TestTwoNodes:
             self.check_one_writer(cluster, name, target)
             assert read_at(target.loop_device_of(vol), 5 * MiB, MiB) == data
         ganeti_agrees(cluster, name, n1)
-        cluster.gnt("gnt-instance", "remove", "-f", "--shutdown-timeout=0", name)
-        assert store_files(cluster) == before
-        assert no_loop_devices(cluster)
+        self.remove(cluster, name, before)
 
     @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
     def test_live_migration_both_ways_keeps_every_acknowledged_write(self, cluster, fmt):
@@ -491,10 +500,7 @@ class TestTwoNodes:
         n1, n2 = cluster.nodes
         before = store_files(cluster)
         name = f"mig-{fmt}"
-        cluster.gnt(*GNT_ADD, "-n", n1.name,
-                    "--disk", f"0:size=64M,provider=vbdfs,format={fmt}", name)
-        [(vol, _)] = disks_of(cluster, name)
-        self.volumes[name] = [vol]
+        vol, _ = self.add(cluster, name, "64M", fmt, n1)
         rng = random.Random(f"migrate-{fmt}")
         written: dict[int, bytes] = {}
         where = n1
@@ -534,6 +540,4 @@ class TestTwoNodes:
                 assert read_at(raw, offset, len(data)) == data, offset
         finally:
             os.unlink(raw)
-        cluster.gnt("gnt-instance", "remove", "-f", "--shutdown-timeout=0", name)
-        assert store_files(cluster) == before
-        assert no_loop_devices(cluster)
+        self.remove(cluster, name, before)

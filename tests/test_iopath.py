@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import trio
 
 from vbdfs import iopath
@@ -74,16 +75,25 @@ class GuardedQcow2(Qcow2Image):
             self.inside -= 1
 
 
-def slow_raw(tmp_path, size=16 * MiB) -> SlowRaw:
-    RawImage.create(str(tmp_path / "disk.raw"), size).close()
-    image = SlowRaw(str(tmp_path / "disk.raw"))
-    image.log = []
-    return image
+@pytest.fixture
+def slow_disk(tmp_path):
+    """slow_disk(mode): a 16 MiB SlowRaw image and its DiskIO in that mode
+    (closed at teardown)."""
+    images = []
+
+    def make(mode):
+        RawImage.create(str(tmp_path / "disk.raw"), 16 * MiB).close()
+        image = SlowRaw(str(tmp_path / "disk.raw"))
+        image.log = []
+        images.append(image)
+        return image, iopath.DiskIO(image, mode)
+    yield make
+    for image in images:
+        image.close()
 
 
-def test_threads_overlap_slow_requests(tmp_path):
-    image = slow_raw(tmp_path)
-    io = iopath.DiskIO(image, "threads")
+def test_threads_overlap_slow_requests(slow_disk):
+    image, io = slow_disk("threads")
     n = 16
 
     async def main():
@@ -105,13 +115,11 @@ def test_threads_overlap_slow_requests(tmp_path):
     assert all(bytes(results[i]) == bytes([i + 1]) * 4096 for i in range(n))
     # Serially: 2 * 16 * 50 ms = 1.6 s. Overlapped: a few DELAYs.
     assert elapsed < 2 * n * DELAY / 4, elapsed
-    image.close()
 
 
-def test_inline_mode_serves_one_at_a_time(tmp_path):
+def test_inline_mode_serves_one_at_a_time(slow_disk):
     """The control for the test above: io=inline has no overlap."""
-    image = slow_raw(tmp_path)
-    io = iopath.DiskIO(image, "inline")
+    image, io = slow_disk("inline")
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -121,12 +129,10 @@ def test_inline_mode_serves_one_at_a_time(tmp_path):
     start = time.monotonic()
     trio.run(main)
     assert time.monotonic() - start >= 8 * DELAY
-    image.close()
 
 
-def test_flush_waits_for_the_writes_before_it(tmp_path):
-    image = slow_raw(tmp_path)
-    io = iopath.DiskIO(image, "threads")
+def test_flush_waits_for_the_writes_before_it(slow_disk):
+    image, io = slow_disk("threads")
 
     async def main():
         async with trio.open_nursery() as nursery:
@@ -141,12 +147,10 @@ def test_flush_waits_for_the_writes_before_it(tmp_path):
     kinds = [entry[0] for entry in image.log]
     assert kinds[:4] == ["write done"] * 4, kinds
     assert kinds[4:] == ["flush", "flush answered"], kinds
-    image.close()
 
 
-def test_worker_threads_stay_bounded(tmp_path):
-    image = slow_raw(tmp_path)
-    io = iopath.DiskIO(image, "threads")
+def test_worker_threads_stay_bounded(slow_disk):
+    image, io = slow_disk("threads")
     peak = [0]
 
     async def main():
@@ -164,7 +168,6 @@ def test_worker_threads_stay_bounded(tmp_path):
 
     trio.run(main)
     assert 1 < peak[0] <= iopath.THREADS
-    image.close()
 
 
 def test_qcow2_is_entered_by_one_request_at_a_time(tmp_path):

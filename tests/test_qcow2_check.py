@@ -23,16 +23,12 @@ import subprocess
 
 import pytest
 
+from conftest import qemu_img
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 from vbdfs.images.qcow2_refcount import RefcountOverflow
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
 
 
 def qemu_verdict(path) -> str:
@@ -323,3 +319,137 @@ def test_dirty_repair_at_every_width(tmp_path, bits):
     assert qemu_img("check", path, check=False).returncode == 0
     r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, before, check=False)
     assert r.returncode == 0, r.stdout
+
+
+# --- persistent dirty bitmaps ------------------------------------------------------------
+
+def with_bitmaps(path, make=base_image):
+    """Two persistent bitmaps (one added disabled, then enabled), dirtied by qemu-io's
+    writes so that their tables point at bitmap data clusters."""
+    qemu_img("create", "-q", "-f", "qcow2", path, 16 * MiB)
+    qemu_img("bitmap", "--add", path, "b0")
+    qemu_img("bitmap", "--add", "--disable", "-g", "4096", path, "b1")
+    qemu_img("bitmap", "--enable", path, "b1")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 192k",
+                    "-c", "write -P 0x33 5M 100k", str(path)], check=True, capture_output=True)
+
+
+def bitmap_names(path):
+    info = json.loads(qemu_img("info", "--output", "json", path).stdout)
+    return sorted(b["name"] for b in info["format-specific"]["data"].get("bitmaps", []))
+
+
+def bitmap_data_clusters(path):
+    """{bitmap name: [its bitmap table entries]}, read as qemu's spec lays them out."""
+    d = path.read_bytes()
+    pos = struct.unpack_from(">I", d, 100)[0]
+    while True:
+        etype, elen = struct.unpack_from(">II", d, pos)
+        if etype == 0x23852875:
+            nb, _, _, off = struct.unpack_from(">IIQQ", d, pos + 8)
+            break
+        assert etype, "no bitmaps extension"
+        pos += 8 + (elen + 7) // 8 * 8
+    out = {}
+    for _ in range(nb):
+        table, size, _, _, _, name_len, extra = struct.unpack_from(">QIIBBHI", d, off)
+        name = d[off + 24 + extra:off + 24 + extra + name_len].decode()
+        out[name] = (off, list(struct.unpack_from(f">{size}Q", d, table)), table)
+        end = off + 24 + extra + name_len
+        off = end + (-end % 8)
+    return out
+
+
+def test_check_counts_persistent_bitmaps(tmp_path):
+    path = tmp_path / "bm.qcow2"
+    with_bitmaps(path)
+    tables = bitmap_data_clusters(path)
+    assert all(any(tables[n][1]) for n in ("b0", "b1")), "qemu wrote no bitmap data"
+    assert qemu_verdict(path) == "clean"
+    assert check_file(str(path))["summary"] == "clean"
+    # Leaks besides: counted alike, and a repair keeps the bitmaps (their clusters
+    # stay counted and their autoclear bit stays set).
+    cs, _, _ = layout(path)
+    end = -(-os.path.getsize(path) // cs)      # the bitmap directory may end mid-cluster
+    with open(path, "r+b") as f:
+        f.truncate((end + 3) * cs)
+    for c in range(end, end + 3):
+        set_refcount(path, c, 1)
+    assert check_file(str(path))["summary"] == qemu_verdict(path) == "leaks 3"
+    repaired = check_file(str(path), repair=True)
+    assert repaired["after"]["verdict"] == "clean", repaired
+    assert qemu_verdict(path) == "clean" and bitmap_names(path) == ["b0", "b1"]
+    # vbdfs's engine does not maintain bitmaps: its first write clears their
+    # autoclear bit, after which qemu ignores them and both checks see their
+    # clusters as leaks; a repair frees them.
+    with Qcow2Image(str(path)) as img:
+        img.write(MiB, b"\x01" * 5000)
+    leaks = qemu_verdict(path)
+    assert leaks.startswith("leaks") and check_file(str(path))["summary"] == leaks
+    assert check_file(str(path), repair=True)["after"]["verdict"] == "clean"
+    assert qemu_verdict(path) == "clean" and bitmap_names(path) == []
+
+
+def test_dirty_repair_keeps_persistent_bitmaps(tmp_path):
+    """qemu-io killed under lazy refcounts with bitmaps enabled: the repair at a
+    writable open counts their clusters and keeps them."""
+    path = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", path, 16 * MiB)
+    qemu_img("bitmap", "--add", path, "b0")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(path)],
+                   check=True, capture_output=True)
+    with open(path, "r+b") as f:       # as if qemu had crashed under lazy refcounts
+        f.seek(72)
+        features = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", features | 1))
+    assert check_file(str(path))["summary"] == qemu_verdict(path)
+    with Qcow2Image(str(path)) as img:
+        assert img.repaired
+    assert qemu_verdict(path) == "clean" and bitmap_names(path) == ["b0"]
+    assert check_file(str(path))["summary"] == "clean"
+
+
+def _damage_bitmaps(path, how):
+    tables = bitmap_data_clusters(path)
+    entry, data, table = tables["b0"]
+    d = path.read_bytes()
+    with open(path, "r+b") as f:
+        if how == "table_past_eof":
+            f.seek(entry)
+            f.write(struct.pack(">Q", (len(d) // 65536 + 10) * 65536))
+        elif how == "table_misaligned":
+            f.seek(entry)
+            f.write(struct.pack(">Q", table + 512))
+        elif how == "entry_reserved_bits":
+            f.seek(table)
+            f.write(struct.pack(">Q", data[0] | 2))
+        elif how == "data_on_l1":       # a bitmap data cluster that is the L1 table
+            f.seek(table)
+            f.write(struct.pack(">Q", _u64(d, 40)))
+        elif how == "bad_name_length":
+            f.seek(entry + 18)
+            f.write(struct.pack(">H", 60000))
+
+
+@pytest.mark.parametrize("how,message", [
+    ("table_past_eof", "bitmap table .* lies outside the file"),
+    ("table_misaligned", "bitmap table offset .* is not cluster aligned"),
+    ("entry_reserved_bits", "bitmap 'b0': table entry 0 .* is invalid"),
+    ("data_on_l1", "persistent bitmap data or metadata and is used by something else"),
+    ("bad_name_length", "runs past the end of the bitmap directory"),
+])
+def test_damaged_bitmaps_are_corruptions_and_not_repaired(tmp_path, how, message):
+    """Hostile bitmap structures: a clear error each, and a repair changes nothing."""
+    path = tmp_path / "bm.qcow2"
+    with_bitmaps(path)
+    _damage_bitmaps(path, how)
+    # qemu-img check finds corruptions (2) or refuses to open the image (1)
+    assert qemu_img("check", path, check=False).returncode in (1, 2)
+    result = check_file(str(path))
+    assert result["verdict"] == "corruptions", result
+    assert any(re.search(message, e) for e in result["errors"]), result["errors"]
+    before = sha(path)
+    with pytest.raises(Exception, match="cannot repair here"):
+        check_file(str(path), repair=True)
+    assert sha(path) == before

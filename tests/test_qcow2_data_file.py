@@ -11,54 +11,16 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 
 import pytest
 
+from conftest import engine_random_writes, qemu_img, qemu_random_writes
 from vbdfs.images.base import ImageError
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 24 * MiB
-
-
-def qemu_img(*args, cwd=None, check=True):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check, cwd=cwd)
-
-
-def qemu_io_writes(path, model, rng, count=15):
-    cmds = []
-    for _ in range(count):
-        off = rng.randrange(0, len(model) - 70000) // 512 * 512
-        n = rng.randrange(1, 130) * 512
-        if rng.random() < 0.3:
-            cmds += ["-c", f"write -z {off} {n}"]
-            model[off:off + n] = bytes(n)
-        else:
-            pat = rng.randrange(1, 255)
-            cmds += ["-c", f"write -P {pat} {off} {n}"]
-            model[off:off + n] = bytes([pat]) * n
-    r = subprocess.run(["qemu-io", "-f", "qcow2", *cmds, path.name], capture_output=True,
-                       text=True, cwd=path.parent)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r
-
-
-def engine_writes(img, model, rng, count):
-    for _ in range(count):
-        off = rng.randrange(0, len(model) - 1)
-        n = min(rng.choice([1, 100, 511, 4096, 9000, 70000, 300000]), len(model) - off)
-        r = rng.random()
-        if r < 0.15:
-            img.zero(off, n)
-            data = bytes(n)
-        else:
-            data = bytes(n) if r < 0.25 else rng.randbytes(n)
-            img.write(off, data)
-        model[off:off + n] = data
-        if rng.random() < 0.05:
-            img.flush()
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
@@ -70,10 +32,10 @@ def test_external_data_file_reads_and_writes_like_qemu(tmp_path, raw, ext):
     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path.name, SIZE, cwd=tmp_path)
     rng = random.Random(raw * 2 + ext)
     model = bytearray(SIZE)
-    qemu_io_writes(path, model, rng)
+    qemu_random_writes(path, model, rng, 15)
     with Qcow2Image(str(path), store_root=str(tmp_path)) as img:
         assert img.read(0, SIZE) == model
-        engine_writes(img, model, rng, 200)
+        engine_random_writes(img, model, rng, 200)
     r = qemu_img("check", path.name, cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     (tmp_path / "model.raw").write_bytes(model)

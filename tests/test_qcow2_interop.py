@@ -11,35 +11,14 @@ import json
 import os
 import random
 import struct
-import subprocess
 
 import pytest
 
+from conftest import qemu_img, qemu_io, render_raw
 from vbdfs.images.base import Kind
 from vbdfs.images.qcow2 import Qcow2Image
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def qemu_img(*args, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
-
-
-def qemu_io(path, *cmds, fmt="qcow2") -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [str(path)], capture_output=True, text=True)
-    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), r
-
-
-def render_raw(path, tmp_path) -> bytes:
-    out = tmp_path / "rendered.raw"
-    if out.exists():
-        out.unlink()
-    qemu_img("convert", "-O", "raw", path, out)
-    return out.read_bytes()
 
 
 def assert_clean(path):

@@ -14,15 +14,11 @@ import tracemalloc
 
 import pytest
 
+from conftest import qemu_img
 from vbdfs.images import ImageError, ReadOnlyImage, open_image
 from vbdfs.images.qcow2 import Qcow2Image
 
 MiB = 1 << 20
-
-
-def qemu_img(*args):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=True)
 
 
 @pytest.fixture

@@ -8,13 +8,9 @@ import subprocess
 
 import pytest
 
-from conftest import GiB, MiB, make_instance
+from conftest import GiB, MiB, make_instance, qemu_img
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
-
-
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=check)
 
 
 def sha256_file(path, chunk=4 * MiB):

@@ -15,51 +15,13 @@ import subprocess
 
 import pytest
 
+from conftest import engine_random_writes, qemu_img, qemu_random_writes
 from vbdfs.images.base import ImageError
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 24 * MiB
-
-
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
-
-
-def qemu_io_writes(path, model, rng, count=20):
-    """Sector-aligned writes and zero writes by qemu (so qemu makes the subclusters)."""
-    cmds = []
-    for _ in range(count):
-        off = rng.randrange(0, len(model) - 70000) // 512 * 512
-        n = rng.randrange(1, 130) * 512
-        if rng.random() < 0.3:
-            cmds += ["-c", f"write -z {off} {n}"]
-            model[off:off + n] = bytes(n)
-        else:
-            pat = rng.randrange(1, 255)
-            cmds += ["-c", f"write -P {pat} {off} {n}"]
-            model[off:off + n] = bytes([pat]) * n
-    r = subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(path)], capture_output=True,
-                       text=True)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r
-
-
-def engine_writes(img, model, rng, count):
-    for _ in range(count):
-        off = rng.randrange(0, len(model) - 1)
-        n = min(rng.choice([1, 100, 511, 4096, 9000, 70000, 300000]), len(model) - off)
-        r = rng.random()
-        if r < 0.15:
-            img.zero(off, n)
-            data = bytes(n)
-        else:
-            data = bytes(n) if r < 0.25 else rng.randbytes(n)
-            img.write(off, data)
-        model[off:off + n] = data
-        if rng.random() < 0.05:
-            img.flush()
 
 
 def assert_judged_same(path, model, tmp_path):
@@ -88,13 +50,13 @@ def test_extended_l2_reads_and_writes_like_qemu(tmp_path, cluster, backing):
                  path, SIZE)
     else:
         qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, SIZE)
-    qemu_io_writes(path, model, rng)
+    qemu_random_writes(path, model, rng, 20)
     rendered = tmp_path / "rendered.raw"
     qemu_img("convert", "-O", "raw", path, rendered)
     assert rendered.read_bytes() == model
     with Qcow2Image(str(path)) as img:
         assert img.read(0, SIZE) == model
-        engine_writes(img, model, rng, 200)
+        engine_random_writes(img, model, rng, 200)
         assert img.read(0, SIZE) == model
     assert_judged_same(path, model, tmp_path)
     assert check_file(str(path))["summary"] == "clean"
@@ -106,11 +68,11 @@ def test_extended_l2_copies_clusters_shared_with_a_snapshot(tmp_path):
     model = bytearray(SIZE)
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", path,
              SIZE)
-    qemu_io_writes(path, model, rng, 40)
+    qemu_random_writes(path, model, rng, 40)
     qemu_img("snapshot", "-c", "s1", path)
     snap = bytes(model)
     with Qcow2Image(str(path)) as img:
-        engine_writes(img, model, rng, 150)
+        engine_random_writes(img, model, rng, 150)
     assert_judged_same(path, model, tmp_path)
     out = tmp_path / "snap.raw"
     qemu_img("convert", "-O", "raw", "-l", "snapshot.name=s1", path, out)
@@ -146,5 +108,5 @@ def test_extended_l2_compressed_clusters(tmp_path):
              path)
     with Qcow2Image(str(path)) as img:
         assert img.read(0, SIZE) == model
-        engine_writes(img, model, rng, 150)
+        engine_random_writes(img, model, rng, 150)
     assert_judged_same(path, model, tmp_path)

@@ -5,41 +5,21 @@ through the mount; adopted, exported and converted to qcow2/raw by vbdctl."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import random
 import struct
-import subprocess
 
 import pytest
 
-from conftest import MiB, vbdctl_runner, wait_for
+from conftest import MiB, qemu_img, qemu_io, render_raw, vbdctl_runner, wait_for
 from vbdfs.images import ImageError, ReadOnlyImage, open_image
 from vbdfs.images.base import Kind
 
 KiB = 1 << 10
-
-
-def qemu_img(*args, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
-
-
-def qemu_io(path, *cmds, fmt="qcow") -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    r = subprocess.run(argv + [str(path)], capture_output=True, text=True)
-    assert r.returncode == 0 and "error" not in r.stdout.lower() + r.stderr.lower(), r
-
-
-def render_raw(path, tmp_path) -> bytes:
-    out = tmp_path / "rendered.raw"
-    if out.exists():
-        out.unlink()
-    qemu_img("convert", "-O", "raw", path, out)
-    return out.read_bytes()
+qemu_io = functools.partial(qemu_io, fmt="qcow")
 
 
 def mixed_raw(path, size, seed=7):

@@ -332,6 +332,50 @@ def test_convert_round_trip_keeps_contents_and_sparseness(store, ctl):
     assert r.returncode == 1 and b"already raw" in r.stderr
 
 
+def test_convert_removes_the_old_images_own_data_file_only(store, ctl, tmp_path):
+    """A qcow2 disk with an external data file next to it, converted to raw: the
+    data file goes with the old image. One that another disk names too, or one
+    outside the disk's directory (another instance's disk), stays."""
+    make_instance(store, "web", 8 * MiB)
+    fill(store, "web", data=1 * MiB)
+    web_before = open(store.load("web").disks[0].path, "rb").read()
+    vm = os.path.join(store.root, "vm")
+    os.mkdir(vm, 0o700)
+
+    def qemu(*args):
+        subprocess.run(list(args), check=True, capture_output=True, cwd=vm)
+    # sda owns sda.data; sdb and sdc share shared.data; sdd's data file is web's disk.
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=sda.data", "sda", "8M")
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=shared.data", "sdb", "8M")
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=shared.data", "sdc", "8M")
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=sdd.data", "sdd", "8M")
+    qemu("qemu-img", "amend", "-o", "data_file=../web/sda", "sdd")
+    os.unlink(os.path.join(vm, "sdd.data"))
+    for disk in ("sda", "sdb"):
+        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 300k", disk)
+        qemu("qemu-img", "convert", "-O", "raw", disk, f"../{disk}.expected")
+    ctl("add", "-t", "file,reuse", "vm", check=0)
+
+    r = ctl("convert", "vm", "sda", "--to", "raw", "--output", "json", check=0)
+    assert not os.path.exists(os.path.join(vm, "sda.data"))
+    assert json.loads(r.stdout)["removed"] == [os.path.join(vm, "sda.data")]
+    assert same(os.path.join(store.root, "sda.expected"), "raw", os.path.join(vm, "sda"),
+                "raw")[0]
+    for disk in ("sdb", "sdd"):
+        r = ctl("convert", "vm", disk, "--to", "raw", "--output", "json", check=0)
+        assert json.loads(r.stdout)["removed"] == []
+    assert os.path.exists(os.path.join(vm, "shared.data"))
+    assert same(os.path.join(store.root, "sdb.expected"), "raw", os.path.join(vm, "sdb"),
+                "raw")[0]
+    assert open(store.load("web").disks[0].path, "rb").read() == web_before
+    # sdc still reads its data file.
+    with open_image(os.path.join(vm, "sdc"), "qcow2", read_only=True,
+                    store_root=store.root) as img:
+        assert img.read(0, 4096) == bytes(4096)
+    assert sorted(os.listdir(vm)) == ["manifest.json", "sda", "sdb", "sdc", "sdd",
+                                      "shared.data"]
+
+
 @pytest.mark.fuse
 @pytest.mark.root
 def test_convert_refuses_while_open_and_the_mount_serves_the_result(store, ctl, mount):

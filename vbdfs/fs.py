@@ -23,12 +23,11 @@ import stat
 
 import pyfuse3
 
-from . import iopath
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
-from .images.cold import ColdImage
 from .images.confined import UnsafeFile, stat_regular
 from .images.fileops import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                              drop_cache)
+from .opendisk import DiskLeases, OpenDisk
 from .store import Manifest, Store, leases
 from .store.names import InvalidName
 
@@ -76,41 +75,6 @@ def contained(handler):
     return wrapper
 
 
-class OpenDisk:
-    """One Image shared by every open file handle of a disk, its request path
-    (DiskIO) and its write lease."""
-
-    __slots__ = ("io", "opens", "writable", "lease")
-
-    def __init__(self, image: Image, writable: bool, lease=None, io_mode: str = "auto"):
-        self.io = iopath.DiskIO(image, io_mode)
-        self.opens = 0
-        self.writable = writable
-        self.lease = lease
-
-    def close(self) -> None:
-        try:
-            self.image.close()
-        finally:
-            if self.lease is not None:
-                self.lease.release()
-                self.lease = None
-
-    @property
-    def image(self) -> Image:
-        return self.io.image
-
-    @image.setter
-    def image(self, image: Image) -> None:
-        self.io.image = image        # only with no request in flight: see DiskIO.image
-
-    @property
-    def lease_mode(self) -> str:
-        if self.lease is None:
-            return "none"
-        return "shared" if self.lease.shared else "exclusive"
-
-
 class VbdFs(pyfuse3.Operations):
     enable_writeback_cache = False
     # write() gets the request's data in place (a memoryview), not a copy:
@@ -129,6 +93,7 @@ class VbdFs(pyfuse3.Operations):
         self._logged: set[tuple] = set()           # errors already logged once
         self._read_only: dict[tuple, tuple] = {}    # key -> (image file stat key, reason)
         self._root_stat = os.stat(store.root)
+        self.leases = DiskLeases(store, node, self._fresh_image)
 
     # --- inodes and manifests -------------------------------------------
     def _inode(self, key: tuple) -> int:
@@ -255,10 +220,14 @@ class VbdFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             od = self._open.get(inode)
             if od is not None:
-                await od.io.idle()      # _grow may resize or swap the Image under them
+                await od.io.idle()      # grow may resize or swap the Image under them
                 if self._open.get(inode) is not od:
                     raise pyfuse3.FUSEError(errno.EAGAIN)   # released meanwhile: retry
-            self._grow(inode, key, attr.st_size)
+            try:
+                self.leases.grow(od, key, self._disk(key).path, attr.st_size)
+            except leases.LeaseBusy as e:
+                log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
+                raise pyfuse3.FUSEError(errno.EBUSY) from None
             current = self._attr(inode)
         elif fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -357,10 +326,14 @@ class VbdFs(pyfuse3.Operations):
         od = self._open.get(inode)
         if od is None or not od.writable:
             raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
-        await od.io.idle()              # _set_lease swaps the Image: none may run on the old
+        await od.io.idle()              # set_lease swaps the Image: none may run on the old
         if self._open.get(inode) is not od:
             raise pyfuse3.FUSEError(errno.ENXIO)  # released while its requests ended
-        self._set_lease(inode, key, od, mode)
+        try:
+            self.leases.set_lease(od, key, self._disk(key).path, mode)
+        except leases.LeaseBusy as e:
+            log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
 
     @contained
     async def removexattr(self, inode, name, ctx):
@@ -430,15 +403,14 @@ class VbdFs(pyfuse3.Operations):
         """
         lease = None
         if writable and self._manifest(key[0]).ganeti is not None:
-            return OpenDisk(self._cold(key, writable=False), True, io_mode=self.io_mode)
+            return OpenDisk(self.leases.cold(key, writable=False), True, io_mode=self.io_mode)
         if writable:
             # Lease first, manifest after (in _open_image): vbdctl convert holds
             # the lease across its image swap and manifest rename, so a disk
             # opened for writing is never paired with its old format.
             disk = self._disk(key)
             try:
-                lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0],
-                                       key[1], self.node, root=self.store.disk_root(disk.path))
+                lease = self.leases.acquire(key, disk.path)
             except leases.LeaseBusy as e:
                 log.warning("instance %s disk %s not opened for writing: %s", key[0], key[1], e)
                 raise pyfuse3.FUSEError(errno.EBUSY) from None
@@ -492,87 +464,12 @@ class VbdFs(pyfuse3.Operations):
                 pass              # _open_image reports a missing or unreadable file
         return self._open_image(key, writable)
 
-    def _cold(self, key: tuple, writable: bool) -> ColdImage:
-        return ColdImage(lambda read_only: self._fresh_image(key, not read_only), writable)
-
-    def _set_lease(self, inode: int, key: tuple, od: OpenDisk, mode: str) -> None:
-        """Move a Ganeti volume's lease on this node to mode (none, shared, exclusive).
-
-        The image is served warm (cached) only by the one writer: exclusive,
-        or shared after exclusive (a migration's source, still the writer).
-        Every other way into a lease starts from the image as it is on disk
-        now, and giving the lease up flushes first. See README "Ganeti".
-        """
-        if mode == od.lease_mode:
-            return
-        disk = self._disk(key)
-        if mode == "none":
-            old, od.image = od.image, self._cold(key, writable=False)
-            old.close()                      # flushed: on disk before the lease goes
-            od.lease.release()
-            od.lease = None
-            return
-        if mode == "shared" and od.lease is not None:
-            od.image.flush()                 # from exclusive: keep serving warm, on disk now
-            od.lease.set_shared(True)
-            return
-        fresh = od.lease is None
-        try:
-            if fresh:
-                od.lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0],
-                                          key[1], self.node, shared=mode == "shared",
-                                          root=self.store.disk_root(disk.path))
-            else:
-                od.lease.set_shared(False, disk.path)
-        except leases.LeaseBusy as e:
-            log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
-            raise pyfuse3.FUSEError(errno.EBUSY) from None
-        try:
-            od.image.flush()
-            new = self._cold(key, True) if mode == "shared" else self._fresh_image(key, True)
-        except BaseException:
-            if fresh:
-                od.lease.release()
-                od.lease = None
-            else:
-                od.lease.set_shared(True)
-            raise
-        old, od.image = od.image, new
-        old.close()
-
     def _image_size(self, inode: int, key: tuple) -> int:
         od = self._open.get(inode)
         if od is not None:
             return od.image.size
         with self._fresh_image(key, False) as img:
             return img.size
-
-    def _grow(self, inode: int, key: tuple, size: int) -> None:
-        """Grow a disk's image to size (the manifest's): in place if this
-        daemon writes it, else under a lease of its own for the resize."""
-        od = self._open.get(inode)
-        if od is not None and od.lease_mode == "exclusive" and not isinstance(od.image, ColdImage):
-            od.image.resize(size)
-            od.image.flush()
-            return
-        disk = self._disk(key)
-        try:
-            lease = leases.acquire(disk.path, self.store.state_dir("leases"), key[0], key[1],
-                                   self.node, by="vbdfs grow", root=self.store.disk_root(disk.path))
-        except leases.LeaseBusy as e:
-            log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
-            raise pyfuse3.FUSEError(errno.EBUSY) from None
-        try:
-            with self._fresh_image(key, True) as img:
-                img.resize(size)
-                img.flush()
-        finally:
-            lease.release()
-        if od is not None and isinstance(od.image, ColdImage):
-            od.image.size = size              # it learns sizes only when it opens
-        elif od is not None:
-            old, od.image = od.image, self._fresh_image(key, False)   # a cached reader
-            old.close()
 
     def _log_once(self, key: tuple, message: str, level: int = logging.ERROR) -> None:
         """Log an instance's or disk's error once, not at every request that meets it."""

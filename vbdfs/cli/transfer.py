@@ -167,6 +167,8 @@ def cmd_convert(ctx, args):
         print(f"{s['instance']} {s['disk']}: {s['from']} -> {s['to']}, data "
               f"{human_size(s['data_bytes'])}, allocated {human_size(s['allocated'])}, "
               f"{s['seconds']}s")
+        for path in s["removed"]:
+            print(f"removed the old external data file {path}")
 
 
 def cmd_mount(ctx, args):

@@ -24,13 +24,14 @@ Choices:
   outside qemu's limits (cluster 512 B-64 KiB, L2 tables 512 B-64 KiB) or
   outside the file; the L1 table is bounded like qcow2's (32 MiB). L2 and
   cluster offsets are checked against the file when used.
-* Backing files are resolved like qcow2's (relative to the image, inside the
-  store, no symlink, no loop, at most MAX_CHAIN deep). A version 1 header has
-  no place for the backing file's format, and vbdfs never guesses a format
-  from content (CVE-2008-2004): the format is the caller's `backing_format`,
-  or raw, which reads the file's bytes and follows nothing. A backing file
-  that starts with a qcow magic is then refused rather than read as raw bytes
-  it is not (blktap, too, read a non-qcow backing file as raw).
+* Backing files are resolved like qcow2's, by the same code (qcow_common:
+  relative to the image, inside the store, no symlink, no loop, at most
+  MAX_CHAIN deep). A version 1 header has no place for the backing file's
+  format, and vbdfs never guesses a format from content (CVE-2008-2004): the
+  format is the caller's `backing_format`, or raw, which reads the file's
+  bytes and follows nothing. A backing file that starts with a qcow magic is
+  then refused rather than read as raw bytes it is not (blktap, too, read a
+  non-qcow backing file as raw).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import zlib
 from array import array
 from collections import OrderedDict
 
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, merge_extents
 from .confined import open_regular
 from .fileops import allocated_bytes, pread_full
+from .qcow_common import QcowCommon
 
 MAGIC = b"QFI\xfb"
 XEN_MAGIC = b"XEN\xfb"
@@ -54,11 +55,9 @@ MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 16  # qemu's limits
 MIN_L2_BITS, MAX_L2_BITS = 6, 13            # L2 tables of 512 B .. 64 KiB
 MAX_L1_BYTES = 32 << 20                     # as qcow2 (qemu's QCOW_MAX_L1_SIZE)
 MAX_BACKING_NAME = 1023
-MAX_CHAIN = 16
 L2_CACHE_BYTES = 16 << 20
 COMPRESSED = 1 << 63
 CRYPT_AES = 1
-BACKING_FORMATS = ("raw", "qcow", "qcow2")
 
 READ_ONLY_REASON = ("legacy QCOW (version 1) images are served read-only; to write the "
                     "disk, convert it to qcow2 (vbdctl convert INSTANCE DISK --to qcow2)")
@@ -66,7 +65,7 @@ READ_ONLY_REASON = ("legacy QCOW (version 1) images are served read-only; to wri
 _DATA, _UNALLOC, _COMPRESSED = range(3)
 
 
-class QcowImage(Image):
+class QcowImage(QcowCommon, Image):
     format = "qcow"
 
     def __init__(self, path: str, read_only: bool = True, store_root: str | None = None,
@@ -154,43 +153,15 @@ class QcowImage(Image):
         raise ImageError(f"{path}: {why}")
 
     def _open_backing(self, name, store_root, fmt, chain) -> Image:
-        if fmt is not None and fmt not in BACKING_FORMATS:
-            raise ImageError(f"{self.path}: backing file {name!r}: unsupported format {fmt!r}")
-        me = os.path.realpath(self.path)
-        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
-        if store_root is not None:
-            root = os.path.realpath(store_root)
-            if os.path.commonpath([root, target]) != root:
-                raise ImageError(f"{self.path}: backing file {name!r} resolves to {target}, "
-                                 f"outside the store {root}")
-            # Opened as named, below the root: open_regular refuses any symlink on the way.
-            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
-        chain = chain | {me}
-        if os.path.realpath(target) in chain:
-            raise ImageError(f"{self.path}: backing chain loops back to {target}")
-        if len(chain) >= MAX_CHAIN:
-            raise ImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN}")
-        try:
-            if fmt == "qcow":
-                return QcowImage(target, store_root=store_root, _chain=chain)
-            if fmt == "qcow2":
-                from .qcow2 import Qcow2Image
-                return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
-            from .raw import RawImage
-            img = RawImage(target, read_only=True, store_root=store_root)
-            if fmt is None and img.read(0, 4) == MAGIC:
-                img.close()
-                raise ImageError(
-                    f"it starts with a qcow header, but a QCOW version 1 image does not "
-                    f"record its backing file's format and vbdfs never guesses one from "
-                    f"content; rebase or convert the chain to qcow2 with qemu-img, "
-                    f"giving the backing format (-F)")
-            return img
-        except FileNotFoundError:
-            raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
-                from None
-        except (ImageError, OSError) as e:
-            raise ImageError(f"{self.path}: backing file {name!r}: {e}") from None
+        img = self._open_backing_file(name, fmt or "raw", store_root, chain)
+        if fmt is None and img.read(0, 4) == MAGIC:
+            img.close()
+            raise ImageError(
+                f"{self.path}: backing file {name!r}: it starts with a qcow header, but a "
+                f"QCOW version 1 image does not record its backing file's format and vbdfs "
+                f"never guesses one from content; rebase or convert the chain to qcow2 "
+                f"with qemu-img, giving the backing format (-F)")
+        return img
 
     @classmethod
     def create(cls, path: str, size: int, **options) -> "QcowImage":
@@ -254,29 +225,14 @@ class QcowImage(Image):
             nxt += self.cs
         return kind, host, min(nxt, tab_end) - pos
 
-    def _decompress(self, e: int, g: int) -> bytes:
-        if self._cz[0] == e:
-            return self._cz[1]
-        bits = self.cluster_bits
+    def _compressed_span(self, e: int, g: int) -> tuple[int, int]:
+        """(host offset, byte count) of compressed entry e (see qcow_common)."""
         off = e & self.offset_mask
-        n = (e >> (63 - bits)) & (self.cs - 1)
-        where = f"compressed cluster at guest offset {g << bits:#x}"
+        n = (e >> (63 - self.cluster_bits)) & (self.cs - 1)
         if off + n > self._file_end:
-            raise ImageError(f"{self.path}: {where} lies outside the file")
-        try:
-            out = zlib.decompressobj(-12).decompress(pread_full(self.fd, n, off), self.cs)
-        except zlib.error as err:
-            raise ImageError(f"{self.path}: bad {where}: {err}") from None
-        if len(out) != self.cs:
-            raise ImageError(f"{self.path}: {where} is truncated")
-        self._cz = (e, out)
-        return out
-
-    def _backing_read(self, pos: int, n: int) -> bytes:
-        if self.backing is None or pos >= self.backing.size:
-            return self._zeros[:n] if n <= self.cs else bytes(n)
-        data = self.backing.read(pos, n)
-        return data if len(data) == n else data + bytes(n - len(data))
+            raise ImageError(f"{self.path}: compressed cluster at guest offset "
+                             f"{g << self.cluster_bits:#x} lies outside the file")
+        return off, n
 
     # --- the interface -------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:

@@ -62,7 +62,8 @@ What this engine does, and the choices it makes:
   backing-format header extension, or from the caller's `backing_format`
   when the image has no such extension; it is never probed from content,
   and an image with neither is refused. Chains are at most MAX_CHAIN deep
-  and loops are refused. Backing images are opened read-only.
+  and loops are refused. Backing images are opened read-only. (qcow_common
+  holds these rules, shared with the version 1 engine.)
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ import os
 from array import array
 from collections import OrderedDict
 
-from . import qcow2_compress
 from . import qcow2_header as qh
 from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
@@ -80,6 +80,7 @@ from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite
                       start_writeback)
 from .qcow2_refcount import Refcounts, load_be, to_be
 from .qcow2_subclusters import SubclusterMixin
+from .qcow_common import QcowCommon
 
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
@@ -87,7 +88,6 @@ ZERO_FLAG = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1_RESERVED = 0x7F000000000001FF
 L2_RESERVED = 0x3F000000000001FE
-MAX_CHAIN = 16
 L2_CACHE_BYTES = 16 << 20
 # Freed clusters wait for a flush before they can be reused; one is forced when
 # more than max(MIN_PENDING_FREE, min(1/8 of the file, MAX_PENDING_FREE)) wait.
@@ -107,7 +107,7 @@ class _L2:
         self.dirty = dirty
 
 
-class Qcow2Image(SubclusterMixin, Image):
+class Qcow2Image(SubclusterMixin, QcowCommon, Image):
     format = "qcow2"
 
     def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
@@ -268,52 +268,13 @@ class Qcow2Image(SubclusterMixin, Image):
                              f"({e:#x}) is invalid or points outside the data file")
         return off
 
-    def _confined_target(self, name: str, store_root: str | None, what: str) -> str:
-        """The file `name` (from the image) names, relative to the image's directory;
-        with store_root, refused unless it resolves inside it (then opened as named,
-        so that open_regular refuses any symlink on the way)."""
-        me = os.path.realpath(self.path)
-        target = os.path.realpath(os.path.join(os.path.dirname(me), name))
-        if store_root is not None:
-            root = os.path.realpath(store_root)
-            if os.path.commonpath([root, target]) != root:
-                raise ImageError(f"{self.path}: {what} {name!r} resolves to {target}, "
-                                 f"outside the store {root}")
-            # Opened as named, below the root: open_regular refuses any symlink
-            # on the way, including one swapped in after the check above.
-            target = os.path.normpath(os.path.join(os.path.dirname(self.path), name))
-        return target
-
     def _open_backing(self, h, store_root, backing_format, chain) -> Image:
-        me = os.path.realpath(self.path)
-        name = h.backing_file
         fmt = h.backing_format or backing_format
         if fmt is None:
-            raise ImageError(f"{self.path}: the format of backing file {name!r} is not "
-                             f"recorded in the image (no backing-format extension) and "
+            raise ImageError(f"{self.path}: the format of backing file {h.backing_file!r} is "
+                             f"not recorded in the image (no backing-format extension) and "
                              f"was not given; refusing to guess it")
-        if fmt not in ("raw", "qcow2", "qcow"):
-            raise ImageError(f"{self.path}: backing file {name!r} has unsupported "
-                             f"format {fmt!r}")
-        target = self._confined_target(name, store_root, "backing file")
-        chain = chain | {me}
-        if os.path.realpath(target) in chain:
-            raise ImageError(f"{self.path}: backing chain loops back to {target}")
-        if len(chain) >= MAX_CHAIN:
-            raise ImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN}")
-        try:
-            if fmt == "raw":
-                from .raw import RawImage
-                return RawImage(target, read_only=True, store_root=store_root)
-            if fmt == "qcow":       # a legacy base: its own backing file is read as raw
-                from .qcow import QcowImage
-                return QcowImage(target, store_root=store_root, _chain=chain)
-            return Qcow2Image(target, read_only=True, store_root=store_root, _chain=chain)
-        except FileNotFoundError:
-            raise ImageError(f"{self.path}: backing file {name!r} ({target}) not found") \
-                from None
-        except (ImageError, OSError) as e:     # name the image the caller opened too
-            raise ImageError(f"{self.path}: backing file {name!r}: {e}") from None
+        return self._open_backing_file(h.backing_file, fmt, store_root, chain)
 
     # --- creation -------------------------------------------------------------
     @classmethod
@@ -433,8 +394,6 @@ class Qcow2Image(SubclusterMixin, Image):
 
     def _map(self, pos: int, end: int) -> tuple[int, int, int]:
         """(kind, host offset or entry, length) of the longest uniform run at pos."""
-        if self.ext:
-            return self._x_map(pos, end)
         bits = self.cluster_bits
         g = pos >> bits
         l1i = g >> self.l2_bits
@@ -442,6 +401,8 @@ class Qcow2Image(SubclusterMixin, Image):
         t = self._l2(l1i)
         if t is None:
             return _UNALLOC, 0, tab_end - pos
+        if self.ext:
+            return self._x_map(t.entries, pos, g, tab_end)
         ents = t.entries
         i = g & self.l2_mask
         kind, host = self._kind(ents[i], g)
@@ -476,33 +437,19 @@ class Qcow2Image(SubclusterMixin, Image):
                 nxt += cs
         return kind, host, min(nxt, tab_end) - pos
 
-    def _decompress(self, e: int, g: int) -> bytes:
-        if self._cz[0] == e:
-            return self._cz[1]
+    @property
+    def compression_type(self) -> int:
+        return self.hdr.compression_type
+
+    def _compressed_span(self, e: int, g: int) -> tuple[int, int]:
+        """(host offset, bytes to read) of compressed entry e (see qcow_common)."""
         x = 62 - (self.cluster_bits - 8)
         off = e & ((1 << x) - 1)
         nsect = ((e >> x) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-        nbytes = nsect * 512 - (off & 511)
         if off >= self._file_end:
             raise ImageError(f"{self.path}: compressed cluster for guest offset "
                              f"{g << self.cluster_bits:#x} points outside the file")
-        try:
-            out = qcow2_compress.decompress(self.hdr.compression_type,
-                                            pread_full(self.fd, nbytes, off), self.cs)
-        except ValueError as err:
-            raise ImageError(f"{self.path}: bad compressed cluster at guest offset "
-                             f"{g << self.cluster_bits:#x}: {err}") from None
-        if len(out) != self.cs:
-            raise ImageError(f"{self.path}: compressed cluster at guest offset "
-                             f"{g << self.cluster_bits:#x} is truncated")
-        self._cz = (e, out)
-        return out
-
-    def _backing_read(self, pos: int, n: int) -> bytes:
-        if self.backing is None or pos >= self.backing.size:
-            return self._zeros[:n] if n <= self.cs else bytes(n)
-        data = self.backing.read(pos, n)
-        return data if len(data) == n else data + bytes(n - len(data))
+        return off, nsect * 512 - (off & 511)
 
     # --- reading ---------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:

@@ -4,10 +4,14 @@ check() counts every reference the image's tables make, as `qemu-img check`
 does: the header cluster, the active and every snapshot's L1 table, each L2
 table once per L1 entry pointing at it, each data cluster (and each cluster a
 compressed one touches) once per L2 entry, the snapshot table, the refcount
-table and each refcount block. A cluster counted higher on disk than its
+table and each refcount block, and the persistent dirty bitmaps' directory,
+tables and data clusters (while the bitmaps autoclear bit is set: see
+qcow2_header.bitmap_tables). A cluster counted higher on disk than its
 references is a leak; lower is a corruption. An active L1 or L2 entry whose
 COPIED flag disagrees with a refcount of 1 is a corruption too; so is a
-reference into the file's last cluster or beyond. Leaks are harmless (space);
+reference into the file's last cluster or beyond, and so is a bitmap cluster
+that anything else uses too (qemu would write the bitmap over it). Leaks
+are harmless (space);
 corruptions are not. The verdicts agree with qemu-img check on the cases the
 tests make (clean, leaks, counts too low or too high, dirty).
 
@@ -22,6 +26,12 @@ whatever moment a crash hits:
   3. COPIED flags are set or cleared in place (8-byte entries: each is old or
      new after a crash, and both are safe once the new counts are on disk);
   4. the dirty bit is cleared last; the old structures become free clusters.
+The bitmaps' clusters are counted like every other, and their autoclear bit
+is kept: a repair changes no guest data, so bitmaps that were consistent
+stay so. Other autoclear bits but data_file_raw are dropped (what they
+describe was not counted). Bitmaps whose bit was already cleared (by a
+writer that does not maintain them, such as vbdfs's engine) are not
+counted: their clusters are leaks, freed here, as `qemu-img check -r` does.
 It refuses, changing nothing, when the tables themselves are damaged
 (misaligned entries, references past the end, data on metadata) or a count
 would not fit the refcount width: `qemu-img check -r all` is then the tool.
@@ -41,6 +51,8 @@ COPIED = 1 << 63
 COMPRESSED = 1 << 62
 ZERO_FLAG = 1
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BITMAP_ALL_ONES = 1                 # a bitmap table entry without a cluster
+BITMAP_RESERVED = 0xFF000000000001FE
 MAX_CHECK_CLUSTERS = 1 << 28        # 1 GiB of counters: a 16 TiB file at 64 KiB clusters
 
 
@@ -165,6 +177,7 @@ def _walk(fd: int, h: qh.Header, file_size: int, with_refcount_structures: bool)
         for off, size in snaps:
             w.l1(off, size, False)
         w.inc(h.snapshots_offset, nbytes, meta)
+    bitmaps = _bitmaps(w, fd, h)
     if with_refcount_structures:
         w.inc(h.refcount_table_offset, h.refcount_table_clusters * w.cs, meta)
         for i, off in enumerate(_table(fd, h)):
@@ -177,7 +190,33 @@ def _walk(fd: int, h: qh.Header, file_size: int, with_refcount_structures: bool)
                 w.err(f"ERROR refcount block {i} is outside image")
             else:
                 w.inc(off, w.cs, meta)
+    shared = [c for c in bitmaps if c < len(w.refs) and w.refs[c] > 1]
+    if shared:
+        w.err(f"ERROR cluster {min(shared)} holds persistent bitmap data or metadata and "
+              f"is used by something else too ({len(shared)} such clusters)")
+    meta |= bitmaps
     return w
+
+
+def _bitmaps(w: _Walk, fd: int, h: qh.Header) -> set[int]:
+    """Count the persistent bitmaps' clusters; return them."""
+    try:
+        dir_off, dir_len, tables = qh.bitmap_tables(h, lambda n, off: pread_full(fd, n, off))
+    except ImageError as e:
+        w.err(f"ERROR persistent bitmaps: {e}")
+        return set()
+    out: set[int] = set()
+    w.inc(dir_off, dir_len, out)
+    for name, off, size in tables:
+        if not w.inc(off, size * 8, out):
+            continue
+        for i, e in enumerate(load_be(fd, "Q", size * 8, off)):
+            host = e & OFFSET_MASK
+            if e & BITMAP_RESERVED or host and (e & BITMAP_ALL_ONES or host & (w.cs - 1)):
+                w.err(f"ERROR bitmap {name!r}: table entry {i} ({e:#x}) is invalid")
+            elif host:
+                w.inc(host, w.cs, out)
+    return out
 
 
 def _table(fd: int, h: qh.Header) -> array:
@@ -287,12 +326,13 @@ def rebuild(fd: int, h: qh.Header, path: str) -> str:
     pwrite_full(fd, to_be(table), table_at << bits)
     os.fsync(fd)
     # 2. switch
-    # Autoclear features (bitmaps) whose clusters were not counted are dropped
-    # with it, as the engine drops them before its first write anyway.
+    # Autoclear features whose clusters were not counted are dropped with it
+    # (the engine drops them before its first write anyway); the bitmaps'
+    # were counted, and the repair changes no guest data: kept.
     pwrite_full(fd, h.patch(refcount_table_offset=table_at << bits,
                             refcount_table_clusters=nt,
                             autoclear_features=h.autoclear_features
-                            & qh.AUTOCLEAR_DATA_FILE_RAW), 0)
+                            & (qh.AUTOCLEAR_DATA_FILE_RAW | qh.AUTOCLEAR_BITMAPS)), 0)
     os.fsync(fd)
     # 3. COPIED flags of the active tables
     fixed_copied = 0

@@ -35,6 +35,7 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_EXTL2 = 1 << 4
+AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 MIN_EXTL2_CLUSTER_BITS = 14     # qemu: subclusters need clusters of 16 KiB or more
 _INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file",   # by bit number
@@ -45,6 +46,16 @@ EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
 EXT_DATA_FILE = 0x44415441
+EXT_BITMAPS = 0x23852875
+
+# Persistent dirty bitmaps (qemu's limits, block/qcow2.h and qcow2-bitmap.c).
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
+BITMAP_ENTRY_MIN = 24           # fixed part of one bitmap directory entry
+MAX_BITMAP_TABLE = 0x8000000    # entries
+MAX_BITMAP_NAME = 1023
+BITMAP_FLAGS = 0x7              # in_use, auto, extra_data_compatible
+BITMAP_TYPE_DIRTY = 1
 
 # Fixed fields a rewrite may change: name -> (struct format, byte offset).
 _FIELDS = {
@@ -304,6 +315,67 @@ def snapshot_l1_tables(hdr: Header, read) -> tuple[int, list[tuple[int, int]]]:
         hdr._check_table(f"snapshot {i}'s L1 table", l1_offset, l1_size * 8)
         tables.append((l1_offset, l1_size))
     return (end - hdr.snapshots_offset if tables else 0), tables
+
+
+_BITMAPS_EXT = struct.Struct(">IIQQ")
+_BITMAP = struct.Struct(">QIIBBHI")
+
+
+def bitmap_tables(hdr: Header, read) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """Walk the persistent bitmaps' directory: (its offset, its length in bytes,
+    [(bitmap name, bitmap table offset, table entries)]); (0, 0, []) if none.
+
+    As for qemu, bitmaps exist only while the bitmaps autoclear bit says they
+    are consistent: a program that does not maintain them (vbdfs's engine
+    too) clears the bit at its first write, and their clusters are leaks from
+    then on. `read(n, offset)` reads the file. Every value is checked against
+    qemu's limits and the file before it is used; a bad one raises ImageError.
+    """
+    if not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+        return 0, 0, []
+    ext = [data for etype, data in hdr.extensions if etype == EXT_BITMAPS]
+    if not ext:
+        return 0, 0, []
+    if len(ext) > 1 or len(ext[0]) != _BITMAPS_EXT.size:
+        hdr.fail("malformed bitmaps header extension")
+    nb, reserved, dir_len, dir_off = _BITMAPS_EXT.unpack(ext[0])
+    if reserved or not 0 < nb <= MAX_BITMAPS:
+        hdr.fail(f"bitmaps extension: {nb} bitmaps or reserved field {reserved:#x} "
+                 f"invalid (1..{MAX_BITMAPS} bitmaps, reserved 0)")
+    if not nb * BITMAP_ENTRY_MIN <= dir_len <= MAX_BITMAP_DIRECTORY:
+        hdr.fail(f"bitmap directory length {dir_len} invalid for {nb} bitmaps "
+                 f"(max {MAX_BITMAP_DIRECTORY})")
+    hdr._check_table("bitmap directory", dir_off, dir_len)
+    raw = read(dir_len, dir_off)
+    cs = hdr.cluster_size
+    out, pos, total = [], 0, 0
+    for i in range(nb):
+        if pos + BITMAP_ENTRY_MIN > dir_len:
+            hdr.fail(f"bitmap {i} lies outside the bitmap directory")
+        (table_off, table_size, flags, btype, gran_bits, name_len,
+         extra) = _BITMAP.unpack_from(raw, pos)
+        end = pos + BITMAP_ENTRY_MIN + extra + name_len
+        if end > dir_len:
+            hdr.fail(f"bitmap {i} runs past the end of the bitmap directory")
+        name = raw[end - name_len:end].decode("utf-8", "replace")
+        what = f"bitmap {i} ({name!r})"
+        if flags & ~BITMAP_FLAGS or btype != BITMAP_TYPE_DIRTY or not 9 <= gran_bits <= 31 \
+                or not 0 < name_len <= MAX_BITMAP_NAME:
+            hdr.fail(f"{what}: invalid directory entry (flags {flags:#x}, type {btype}, "
+                     f"granularity bits {gran_bits}, name length {name_len})")
+        if not 0 < table_size <= MAX_BITMAP_TABLE or table_size * cs > 1 << 29:
+            hdr.fail(f"{what}: bitmap table size {table_size} out of range")
+        hdr._check_table(f"{what}'s bitmap table", table_off, table_size * 8)
+        # Tables that do not overlap fit in the file: this bounds the work of
+        # a hostile directory whose many entries name the same large table.
+        total += table_size * 8
+        if total > hdr.file_size:
+            hdr.fail("the bitmap tables together are larger than the file")
+        out.append((name, table_off, table_size))
+        pos = end + (-end % 8)      # entries start 8-byte aligned
+    if pos != dir_len:
+        hdr.fail(f"bitmap directory length {dir_len} does not match its {nb} entries")
+    return dir_off, dir_len, out
 
 
 def data_file_of(path: str, root: str) -> str | None:

@@ -74,18 +74,12 @@ class SubclusterMixin:
         return _ZERO if b >> (32 + s) & 1 else _UNALLOC
 
     # --- mapping ---------------------------------------------------------------
-    def _x_map(self, pos: int, end: int) -> tuple[int, int, int]:
-        """_map() for extended entries: runs of one kind within a cluster (and
-        across wholly unallocated clusters)."""
+    def _x_map(self, ents, pos: int, g: int, tab_end: int) -> tuple[int, int, int]:
+        """_map() for extended entries, once it has found the L2 table (entries
+        `ents`) of guest cluster g: runs of one kind within a cluster (and
+        across wholly unallocated clusters) up to tab_end."""
         bits, cs = self.cluster_bits, self.cs
         sbits = bits - 5
-        g = pos >> bits
-        l1i = g >> self.l2_bits
-        tab_end = min(end, (l1i + 1) << (self.l2_bits + bits))
-        t = self._l2(l1i)
-        if t is None:
-            return _UNALLOC, 0, tab_end - pos
-        ents = t.entries
         i = g & self.l2_mask
         e, b, off = self._x_entry(ents, i, g)
         cend = min(tab_end, (g + 1) << bits)

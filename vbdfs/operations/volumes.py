@@ -10,7 +10,8 @@ Writing follows Ganeti's open and close, not the loop device: attach opens
 the view read-write but the daemon gives the write lease only when open
 asks for it (user.vbdfs.lease on the view: exclusive, shared or none), so a
 migration's target can attach while the source still writes. The daemon's
-side of this is in fs.py (_set_lease); README "Ganeti" tells the handover.
+side of this is in opendisk.py (DiskLeases.set_lease); README "Ganeti" tells
+the handover.
 
 attach runs before nearly every Ganeti operation, on every node involved.
 Attached already, it answers from sysfs alone; so this module imports the
