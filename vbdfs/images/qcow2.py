@@ -527,7 +527,7 @@ class Qcow2Image(SubclusterMixin, Image):
                 parts = self._read_parts(offset, end, kind, host, n)
                 if all(type(p) is bytes for p in parts):
                     return b"".join(parts)
-            token = self._flight.begin()
+            epoch = self._flight.begin()
         try:
             if parts is None:
                 data = os.pread(self.dfd, n, host)
@@ -537,7 +537,7 @@ class Qcow2Image(SubclusterMixin, Image):
             return b"".join(p if type(p) is bytes else p() for p in parts)
         finally:
             with self._lock:
-                self._flight.end(token)
+                self._flight.end(epoch)
 
     def _read_parts(self, pos: int, end: int, kind: int, host: int, n: int) -> list:
         """The pieces of a read: bytes, or functions that read them outside the lock."""
@@ -620,9 +620,12 @@ class Qcow2Image(SubclusterMixin, Image):
         n = len(data)
         zero = n and is_zero(data)
         with self._lock:
-            self._wait_writable(offset, n)
+            self.check_writable()
+            self.check_range(offset, n)
             if not n:
                 return
+            if self._flight.allocating:
+                self._wait_clear(offset, n)
             try:
                 if zero:
                     return self._zero(offset, n)
@@ -634,36 +637,44 @@ class Qcow2Image(SubclusterMixin, Image):
                 writes, allocs = self._plan_write(offset, mv)
             except qm.MetadataOverlap as e:
                 raise self._corrupted(e) from None
-            token = self._flight.begin([(g, g + k) for g, k, _ in allocs])
+            epoch = self._flight.begin()
+            if allocs:
+                ranges = [(g, g + k) for g, k, _ in allocs]
+                self._flight.allocate(ranges)
         written = False
         try:
-            self._run_writes(writes)
+            if len(writes) == 1 and not allocs:     # the common case: one in place
+                data, _, _, at = writes[0]
+                pwrite_full(self.dfd, data, at)
+            else:
+                self._run_writes(writes)
             written = True
         finally:
             with self._lock:
-                try:
-                    if written:     # else the new clusters leak: never a wrong mapping
-                        self._link(allocs)
-                finally:
-                    self._flight.end(token)
+                self._flight.end(epoch)
+                if allocs:
+                    try:
+                        if written:     # else the new clusters leak: never a wrong mapping
+                            self._link(allocs)
+                    finally:
+                        self._flight.linked(ranges)
 
     def zero(self, offset: int, length: int) -> None:
         with self._lock:
-            self._wait_writable(offset, length)
+            self.check_writable()
+            self.check_range(offset, length)
             if length:
+                self._wait_clear(offset, length)
                 try:
                     self._zero(offset, length)
                 except qm.MetadataOverlap as e:
                     raise self._corrupted(e) from None
 
-    def _wait_writable(self, offset: int, length: int) -> None:
-        """Check a change of [offset, offset+length), then wait until no allocation
-        in flight touches its clusters (qcow2_inflight); under the lock."""
-        self.check_writable()
-        self.check_range(offset, length)
-        if length:
-            bits = self.cluster_bits
-            self._flight.wait_clear(offset >> bits, ((offset + length - 1) >> bits) + 1)
+    def _wait_clear(self, offset: int, length: int) -> None:
+        """Before changing [offset, offset+length): wait until no allocation in
+        flight touches its clusters (qcow2_inflight); under the lock."""
+        bits = self.cluster_bits
+        if self._flight.wait_clear(offset >> bits, ((offset + length - 1) >> bits) + 1):
             self.check_writable()       # another request may have stopped writes meanwhile
 
     def _sync_if_many_frees(self) -> None:

@@ -37,30 +37,38 @@ class InFlight:
         self.allocating: list[tuple[int, int]] = []  # guest clusters [first, end)
         self.held: list[tuple[int, list[int]]] = []  # (epoch, clusters) to free
 
-    def begin(self, allocating: list[tuple[int, int]] = ()) -> tuple:
-        """A data operation starts (the guest cluster ranges it allocates, if any)."""
+    def begin(self) -> int:
+        """A data operation starts: its epoch, for end()."""
         e = self.epoch
-        self.running[e] = self.running.get(e, 0) + 1
-        if allocating:
-            self.allocating.extend(allocating)
-        return e, allocating
+        running = self.running
+        running[e] = running.get(e, 0) + 1
+        return e
 
-    def end(self, token: tuple) -> None:
-        e, allocating = token
-        n = self.running[e] - 1
+    def end(self, e: int) -> None:
+        running = self.running
+        n = running[e] - 1
         if n:
-            self.running[e] = n
+            running[e] = n
         else:
-            del self.running[e]
-        if allocating:
-            for r in allocating:
-                self.allocating.remove(r)
-            self.changed.notify_all()
+            del running[e]
 
-    def wait_clear(self, first: int, end: int) -> None:
-        """Wait until no allocation in flight touches guest clusters [first, end)."""
+    def allocate(self, ranges: list[tuple[int, int]]) -> None:
+        """Guest clusters [first, end) get new host clusters, not yet linked."""
+        self.allocating.extend(ranges)
+
+    def linked(self, ranges: list[tuple[int, int]]) -> None:
+        for r in ranges:
+            self.allocating.remove(r)
+        self.changed.notify_all()
+
+    def wait_clear(self, first: int, end: int) -> bool:
+        """Wait until no allocation in flight touches guest clusters [first, end);
+        whether it had to."""
+        waited = False
         while any(a < end and first < b for a, b in self.allocating):
             self.changed.wait()
+            waited = True
+        return waited
 
     def hold(self, clusters: list[int]) -> None:
         """Clusters released since the last flush: free them once ready()."""
