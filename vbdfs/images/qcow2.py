@@ -539,6 +539,13 @@ class Qcow2Image(SubclusterMixin, Image):
             with self._lock:
                 self._flight.end(epoch)
 
+    def _read_held(self, offset: int, length: int) -> bytes:
+        """read(), data included, for a caller that holds the lock."""
+        end = offset + length
+        kind, host, n = self._map(offset, end)
+        parts = self._read_parts(offset, end, kind, host, n)
+        return b"".join(p if type(p) is bytes else p() for p in parts)
+
     def _read_parts(self, pos: int, end: int, kind: int, host: int, n: int) -> list:
         """The pieces of a read: bytes, or functions that read them outside the lock."""
         parts = []
