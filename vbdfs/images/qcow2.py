@@ -27,6 +27,16 @@ What this engine does, and the choices it makes:
   the size changed), then the decrements of clusters that are no longer
   referenced. So on disk a refcount is never below its references, and a
   crash at any point leaves at worst leaked clusters.
+* Concurrency: an image is safe for callers in many threads (the daemon's
+  workers). One lock covers mapping, allocation, the L1/L2/refcount tables,
+  the caches and the flush; the preads and pwrites of guest data in plain
+  clusters (and backing file reads) run outside it, so requests overlap on a
+  slow store. A write's new clusters are allocated under the lock, written
+  outside it and then linked; qcow2_inflight keeps other writes off them
+  meanwhile, and keeps replaced clusters from being freed while data I/O
+  that may still use them runs. The rare paths (compressed clusters, zero
+  writes, extended L2 entries, an external data file, resize) do their data
+  I/O under the lock.
 * Metadata overlap (qcow2_meta): every guest write in place, punch, free,
   allocation and metadata write first asks one map of where the metadata
   lies. A data pointer into metadata (compressed or not, COPIED or not) is
