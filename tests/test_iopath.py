@@ -1,6 +1,7 @@
 """DiskIO (vbdfs/iopath.py) in-process, on real images, with trio: requests
 overlap in worker threads, qcow2 ones too (and never block the loop's
-thread on the engine's lock), a flush waits for the writes before it, the thread count stays bounded.
+thread on the engine's lock), a flush waits for the writes before it, the
+thread count stays bounded.
 
 Latency is injected in the image (a sleep around the real call), as a slow
 store would add it; the images and their files are real.
