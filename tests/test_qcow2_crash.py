@@ -9,6 +9,10 @@ in copy-on-write, allocation, refcount-table growth and the free path.
 
 A second variant crashes the child at its Nth pwrite (os._exit), which puts
 the crash inside flush() between two metadata writes on purpose.
+
+With THREADS > 1 the child runs its operations in that many threads at once
+(on distinct slots, which share clusters at their edges), as the daemon's
+worker threads do; a flush waits for all of them before it acknowledges.
 """
 
 from __future__ import annotations
@@ -51,21 +55,47 @@ if os.environ.get("SMALL_CACHES"):          # evictions (dirty L2 and refcount b
     img._cache_max, img.rc.cache_max = 4, 2
 rng = random.Random(seed)
 seq = start_seq
-while True:
-    seq += 1
-    s = rng.randrange(nslots)
-    start = rng.randrange(slot)
-    length = rng.randrange(1, slot - start + 1)
-    kind = rng.choice("wwwwzZ")
-    out.write(f"I {seq} {s} {start} {length} {kind}\n"); out.flush()
-    off = s * slot + start
+threads = int(os.environ.get("THREADS", "1"))
+if threads > 1:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    pool = ThreadPoolExecutor(threads)
+busy = {}       # slot -> its operation running in the pool
+
+def op(seq, off, length, kind):
     if kind == "w":
         img.write(off, payload(seed, seq, length))
     elif kind == "z":
         img.zero(off, length)
     else:
         img.write(off, bytes(length))
+
+def settle(block):
+    done = wait(busy.values(), return_when=FIRST_COMPLETED)[0] if block else \
+        [f for f in busy.values() if f.done()]
+    for s in [s for s, f in busy.items() if f in done]:
+        busy.pop(s).result()        # an error ends the child (the test fails)
+
+while True:
+    seq += 1
+    if threads > 1:
+        settle(False)
+        while len(busy) >= threads:
+            settle(True)
+        s = rng.choice([x for x in range(nslots) if x not in busy])
+    else:
+        s = rng.randrange(nslots)
+    start = rng.randrange(slot)
+    length = rng.randrange(1, slot - start + 1)
+    kind = rng.choice("wwwwzZ")
+    out.write(f"I {seq} {s} {start} {length} {kind}\n"); out.flush()
+    off = s * slot + start
+    if threads > 1:
+        busy[s] = pool.submit(op, seq, off, length, kind)
+    else:
+        op(seq, off, length, kind)
     if rng.random() < 0.25:
+        while busy:
+            settle(True)
         img.flush()
         out.write(f"A {seq}\n"); out.flush()
 """
@@ -79,9 +109,9 @@ exec(PAYLOAD)   # the parent regenerates the child's data from (seed, seq)
 
 
 def run_child(path, seed, start_seq, kill_after=None, crash_at=None, timeout=30.0,
-              small_caches=False, nslots=NSLOTS):
+              small_caches=False, nslots=NSLOTS, threads=1):
     """Run the writer until killed; return (intents, last acknowledged seq)."""
-    env = dict(os.environ)
+    env = dict(os.environ, THREADS=str(threads))
     if small_caches:
         env["SMALL_CACHES"] = "1"
     if crash_at:
@@ -142,8 +172,9 @@ def verify_and_advance(path, seed, model, intents, acked, nslots=NSLOTS):
     return r.returncode
 
 
-@pytest.mark.parametrize("compat,cs", [("1.1", 65536), ("1.1", 4096), ("0.10", 512)])
-def test_sigkill_at_random_moments(tmp_path, compat, cs):
+@pytest.mark.parametrize("compat,cs,threads", [
+    ("1.1", 65536, 1), ("1.1", 4096, 1), ("0.10", 512, 1), ("1.1", 4096, 8), ("1.1", 65536, 8)])
+def test_sigkill_at_random_moments(tmp_path, compat, cs, threads):
     path = tmp_path / "crash.qcow2"
     Qcow2Image.create(str(path), 64 * MiB, cluster_size=cs, compat=compat).close()
     model = bytearray(64 * MiB)
@@ -152,7 +183,8 @@ def test_sigkill_at_random_moments(tmp_path, compat, cs):
     acked_total = 0
     for it in range(6):
         seed = f"{cs}-{it}"
-        intents, acked = run_child(path, seed, seq, kill_after=rng.uniform(0.3, 1.5))
+        intents, acked = run_child(path, seed, seq, kill_after=rng.uniform(0.3, 1.5),
+                                   threads=threads)
         assert intents, "the child wrote nothing before the kill"
         acked_total += sum(1 for i in intents if i[0] <= acked)
         verify_and_advance(path, seed, model, intents, acked)
@@ -160,8 +192,9 @@ def test_sigkill_at_random_moments(tmp_path, compat, cs):
     assert acked_total > 20       # the test really checked acknowledged writes
 
 
-@pytest.mark.parametrize("cs,small_caches", [(4096, False), (512, False), (512, True)])
-def test_crash_at_nth_pwrite(tmp_path, cs, small_caches):
+@pytest.mark.parametrize("cs,small_caches,threads", [
+    (4096, False, 1), (512, False, 1), (512, True, 1), (4096, False, 8), (512, True, 8)])
+def test_crash_at_nth_pwrite(tmp_path, cs, small_caches, threads):
     """Crash points chosen by pwrite count: they fall inside flush() often."""
     path = tmp_path / "crash.qcow2"
     Qcow2Image.create(str(path), 64 * MiB, cluster_size=cs).close()
@@ -171,7 +204,7 @@ def test_crash_at_nth_pwrite(tmp_path, cs, small_caches):
     for it in range(8):
         seed = f"n{cs}-{it}"
         intents, acked = run_child(path, seed, seq, crash_at=rng.randrange(5, 400),
-                                   small_caches=small_caches)
+                                   small_caches=small_caches, threads=threads)
         verify_and_advance(path, seed, model, intents, acked)
         if intents:
             seq = intents[-1][0]

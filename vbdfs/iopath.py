@@ -29,9 +29,16 @@ The daemon option io= chooses, for all disks:
            Flushes run in a thread (fsync waits for the store).
 
 Raw images need no lock: their requests are independent preads and
-pwrites. A qcow2 image is entered by one request at a time (a per-image
-lock held across the whole request, thread hand-off included): its engine
-keeps metadata caches that are not safe for two callers at once.
+pwrites. A qcow2 image takes the same decisions: its engine is safe for
+many threads (Qcow2Image holds a metadata lock around mapping, allocation
+and flushes, and runs data I/O outside it, see qcow2_inflight). So that the
+loop's thread never waits for that lock while a worker thread holds it (a
+flush's fsync, a slow read of an L2 table), a qcow2 disk with any request
+in a worker thread sends its new requests to threads too; a request served
+inline runs to its end without yielding, so inline requests never contend.
+Engines not safe for two callers (legacy qcow, and a cold image, which
+opens its file afresh per call) are entered by one request at a time: a
+per-disk lock held across the whole request, thread hand-off included.
 
 Bounds: at most THREADS worker threads for the daemon, and pyfuse3 runs at
 most MAX_TASKS request tasks (each holds one request and its buffer, up to
@@ -143,9 +150,6 @@ class DiskIO:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r} (known: {', '.join(MODES)})")
         self.mode = mode
-        # A disk's format never changes while it is open; its Image may (the
-        # Ganeti lease moves between a cached and a cold one): see image.
-        self.lock = None if image.format == "raw" else trio.Lock()
         self.image = image
         self.latency = Latency()            # of reads
         self._tickets = 0
@@ -161,6 +165,11 @@ class DiskIO:
         """Serve another Image of the same disk. The caller swaps only with no
         request in flight (await idle() first), so none runs on the old one."""
         self._image = image
+        # The Ganeti lease moves a disk between a cached Image and a cold one.
+        # A qcow2 engine of its own locks its metadata (see the docstring).
+        concurrent = getattr(image, "concurrent", False)
+        self.lock = None if image.format == "raw" or concurrent else trio.Lock()
+        self.engine_lock = concurrent and image.format != "raw"
         # RWF_NOWAIT: tried where the Image offers it (raw), until the
         # filesystem says it has none.
         self.read_nowait = self.write_nowait = hasattr(image, "read_nowait")
@@ -170,6 +179,8 @@ class DiskIO:
             return self.image.read(off, size)
         if self.lock is not None:
             return await self._locked(False, self.image.read, off, size)
+        if self._busy():
+            return await self._thread(False, self.latency.timed, self.image.read, off, size)
         if self.mode == "auto" and self.read_nowait:
             try:
                 data = self.image.read_nowait(off, size, _scratch(size))
@@ -190,6 +201,8 @@ class DiskIO:
             return self.image.write(off, data)
         if self.lock is not None:
             return await self._locked(True, self.image.write, off, data)
+        if self._busy():
+            return await self._thread(True, self.image.write, off, data)
         if self.mode == "auto" and self.write_nowait:
             try:
                 n = self.image.write_nowait(off, data)
@@ -213,13 +226,19 @@ class DiskIO:
             return self.image.zero(off, length)
         if self.lock is not None:
             return await self._locked(True, self.image.zero, off, length)
+        if self._busy():
+            return await self._thread(True, self.image.zero, off, length)
         return await self._run(True, self.image.zero, off, length)
 
     async def seek(self, off: int, data: bool):
-        """SEEK_DATA / SEEK_HOLE: reads a qcow2 image's metadata, so under its lock."""
-        if self.lock is None or self.mode == "inline":
+        """SEEK_DATA / SEEK_HOLE: reads a qcow2 image's metadata (under its lock)."""
+        if self.mode == "inline":
             return self.image.seek(off, data)
-        return await self._locked(False, self.image.seek, off, data)
+        if self.lock is not None:
+            return await self._locked(False, self.image.seek, off, data)
+        if self._busy():
+            return await self._thread(False, self.image.seek, off, data)
+        return self.image.seek(off, data)
 
     async def flush(self) -> None:
         """Make every write answered before this flush durable: wait for the
@@ -242,6 +261,11 @@ class DiskIO:
         await self._wait(lambda: self._active)
 
     # --- how a request runs -----------------------------------------------------
+    def _busy(self) -> bool:
+        """Could the engine's lock be held by a worker thread (qcow2)? Then a
+        request inline could block the loop's thread on it: it goes to a thread."""
+        return self.engine_lock and bool(self._active)
+
     async def _run(self, is_write: bool, fn, *args):
         """In a thread in mode threads. In auto, a write inline (see the
         module's docstring); a read inline (timed) while the disk is fast, in
@@ -262,7 +286,7 @@ class DiskIO:
             self._end(ticket)
 
     async def _locked(self, is_write: bool, fn, *args):
-        """The whole request under the image's lock (qcow2)."""
+        """The whole request under the disk's lock (engines not safe for two callers)."""
         ticket = self._begin(is_write)
         try:
             async with _Held(self.lock):

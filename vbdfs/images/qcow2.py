@@ -27,6 +27,16 @@ What this engine does, and the choices it makes:
   the size changed), then the decrements of clusters that are no longer
   referenced. So on disk a refcount is never below its references, and a
   crash at any point leaves at worst leaked clusters.
+* Concurrency: an image is safe for callers in many threads (the daemon's
+  workers). One lock covers mapping, allocation, the L1/L2/refcount tables,
+  the caches and the flush; the preads and pwrites of guest data in plain
+  clusters (and backing file reads) run outside it, so requests overlap on a
+  slow store. A write's new clusters are allocated under the lock, written
+  outside it and then linked; qcow2_inflight keeps other writes off them
+  meanwhile, and keeps replaced clusters from being freed while data I/O
+  that may still use them runs. The rare paths (compressed clusters, zero
+  writes, extended L2 entries, an external data file, resize) do their data
+  I/O under the lock.
 * Metadata overlap (qcow2_meta): every guest write in place, punch, free,
   allocation and metadata write first asks one map of where the metadata
   lies. A data pointer into metadata (compressed or not, COPIED or not) is
@@ -69,6 +79,7 @@ What this engine does, and the choices it makes:
 from __future__ import annotations
 
 import os
+import threading
 from array import array
 from collections import OrderedDict
 
@@ -78,6 +89,7 @@ from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge
 from .confined import open_regular
 from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
                       start_writeback)
+from .qcow2_inflight import InFlight
 from .qcow2_refcount import Refcounts, load_be, to_be
 from .qcow2_subclusters import SubclusterMixin
 from .qcow_common import QcowCommon
@@ -109,6 +121,7 @@ class _L2:
 
 class Qcow2Image(SubclusterMixin, QcowCommon, Image):
     format = "qcow2"
+    concurrent = True       # safe for callers in many threads (see the module docstring)
 
     def __init__(self, path: str, read_only: bool = False, store_root: str | None = None,
                  backing_format: str | None = None, _chain: frozenset = frozenset()):
@@ -117,6 +130,10 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         self.fd = open_regular(path, os.O_RDONLY if read_only else os.O_RDWR, store_root)
         self.dfd = self.fd          # where guest data lives: see _open_data_file
         self.backing = None
+        # Mapping, allocation, tables, caches and flushes: under _lock. Data I/O
+        # of plain clusters runs without it, by the rules of qcow2_inflight.
+        self._lock = threading.Lock()
+        self._flight = InFlight(self._lock)
         try:
             self._open(path, read_only, store_root, backing_format, _chain)
         except BaseException:
@@ -453,34 +470,69 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
 
     # --- reading ---------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        length = self.clamp_read(offset, length)
-        if not length:
-            return b""
+        """Mapped under the lock; data clusters and the backing file are read
+        outside it (qcow2_inflight says why that is safe)."""
+        with self._lock:
+            length = self.clamp_read(offset, length)
+            if not length:
+                return b""
+            end = offset + length
+            kind, host, n = self._map(offset, end)
+            if n == length and kind == _DATA:           # the common case: one pread
+                parts = None
+            else:
+                parts = self._read_parts(offset, end, kind, host, n)
+                if all(type(p) is bytes for p in parts):
+                    return b"".join(parts)
+            epoch = self._flight.begin()
+        try:
+            if parts is None:
+                data = os.pread(self.dfd, n, host)
+                if len(data) != n:      # rare: carry on from where the read stopped
+                    data += pread_full(self.dfd, n - len(data), host + len(data))
+                return data
+            return b"".join(p if type(p) is bytes else p() for p in parts)
+        finally:
+            with self._lock:
+                self._flight.end(epoch)
+
+    def _read_held(self, offset: int, length: int) -> bytes:
+        """read(), data included, for a caller that holds the lock."""
         end = offset + length
         kind, host, n = self._map(offset, end)
-        if n == length and kind == _DATA:           # the common case: one pread
-            data = os.pread(self.dfd, n, host)
-            if len(data) != n:          # rare: carry on from where the read stopped
-                data += pread_full(self.dfd, n - len(data), host + len(data))
-            return data
+        parts = self._read_parts(offset, end, kind, host, n)
+        return b"".join(p if type(p) is bytes else p() for p in parts)
+
+    def _read_parts(self, pos: int, end: int, kind: int, host: int, n: int) -> list:
+        """The pieces of a read: bytes, or functions that read them outside the lock."""
         parts = []
-        pos = offset
+        shared = self._backing_shared()
         while True:
             if kind == _DATA:
-                parts.append(pread_full(self.dfd, n, host))
+                parts.append(lambda n=n, host=host: pread_full(self.dfd, n, host))
             elif kind == _ZERO:
                 parts.append(bytes(n))
             elif kind == _UNALLOC:
-                parts.append(self._backing_read(pos, n))
+                parts.append((lambda pos=pos, n=n: self._backing_read(pos, n)) if shared
+                             else self._backing_read(pos, n))
             else:
                 inoff = pos & (self.cs - 1)
                 parts.append(self._decompress(host, pos >> self.cluster_bits)[inoff:inoff + n])
             pos += n
             if pos >= end:
-                return b"".join(parts)
+                return parts
             kind, host, n = self._map(pos, end)
 
+    def _backing_shared(self) -> bool:
+        """Is there a backing file that may be read outside the lock (from many threads)?"""
+        b = self.backing
+        return b is not None and (b.format == "raw" or getattr(b, "concurrent", False))
+
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        with self._lock:
+            return self._extents(offset, length)
+
+    def _extents(self, offset: int, length: int | None) -> list[Extent]:
         if length is None:
             length = self.size - offset
         self.check_range(offset, length)
@@ -524,29 +576,70 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         self._begun = True
 
     def write(self, offset: int, data) -> None:
-        self.check_writable()
+        """Planned under the lock: in-place writes, and new clusters allocated
+        and marked in flight. Their data is written outside it, then the new
+        clusters are linked under the lock again (qcow2_inflight). Zero writes
+        and the rare layouts (extended L2, external data file) run whole under
+        the lock."""
         n = len(data)
-        self.check_range(offset, n)
-        if not n:
-            return
-        try:
-            if is_zero(data):
-                self._zero(offset, n)
-            else:
+        zero = n and is_zero(data)
+        with self._lock:
+            self.check_writable()
+            self.check_range(offset, n)
+            if not n:
+                return
+            if self._flight.allocating:
+                self._wait_clear(offset, n)
+            try:
+                if zero:
+                    return self._zero(offset, n)
                 if len(self._pending_free) >= self._free_min:
                     self._sync_if_many_frees()
-                self._write(offset, memoryview(data).cast("B"))
-        except qm.MetadataOverlap as e:
-            raise self._corrupted(e) from None
-
-    def zero(self, offset: int, length: int) -> None:
-        self.check_writable()
-        self.check_range(offset, length)
-        if length:
-            try:
-                self._zero(offset, length)
+                mv = memoryview(data).cast("B")
+                if self.ext or self.dfd != self.fd:
+                    return self._write(offset, mv)
+                writes, allocs = self._plan_write(offset, mv)
             except qm.MetadataOverlap as e:
                 raise self._corrupted(e) from None
+            epoch = self._flight.begin()
+            if allocs:
+                ranges = [(g, g + k) for g, k, _ in allocs]
+                self._flight.allocate(ranges)
+        written = False
+        try:
+            if len(writes) == 1 and not allocs:     # the common case: one in place
+                data, _, _, at = writes[0]
+                pwrite_full(self.dfd, data, at)
+            else:
+                self._run_writes(writes)
+            written = True
+        finally:
+            with self._lock:
+                self._flight.end(epoch)
+                if allocs:
+                    try:
+                        if written:     # else the new clusters leak: never a wrong mapping
+                            self._link(allocs)
+                    finally:
+                        self._flight.linked(ranges)
+
+    def zero(self, offset: int, length: int) -> None:
+        with self._lock:
+            self.check_writable()
+            self.check_range(offset, length)
+            if length:
+                self._wait_clear(offset, length)
+                try:
+                    self._zero(offset, length)
+                except qm.MetadataOverlap as e:
+                    raise self._corrupted(e) from None
+
+    def _wait_clear(self, offset: int, length: int) -> None:
+        """Before changing [offset, offset+length): wait until no allocation in
+        flight touches its clusters (qcow2_inflight); under the lock."""
+        bits = self.cluster_bits
+        if self._flight.wait_clear(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            self.check_writable()       # another request may have stopped writes meanwhile
 
     def _sync_if_many_frees(self) -> None:
         """Flush when many freed clusters wait for it: only a flush makes them
@@ -558,7 +651,18 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             self._sync()
 
     def _write(self, offset: int, mv: memoryview) -> None:
+        """Write with the data I/O under the lock too (zeroing, rare layouts)."""
+        writes, allocs = self._plan_write(offset, mv)
+        self._run_writes(writes)
+        self._link(allocs)
+
+    def _plan_write(self, offset: int, mv: memoryview) -> tuple[list, list]:
+        """What writing mv at offset takes: (writes, allocations), for
+        _run_writes and _link; the in-place pieces and the copy-on-write fills
+        are in writes."""
         self._dirty = True
+        writes: list = []
+        allocs: list = []
         pos, end = offset, offset + len(mv)
         span = self.l2_bits + self.cluster_bits
         while pos < end:
@@ -567,8 +671,38 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             e = self.l1[l1i]
             if e & OFFSET_MASK and not e & COPIED:
                 self._check_shared_table(l1i, pos, tab_end)
-            self._write_table(self._l2_for_write(l1i), pos, tab_end, mv, offset)
+            self._write_table(self._l2_for_write(l1i), pos, tab_end, mv, offset, writes, allocs)
             pos = tab_end
+        return writes, allocs
+
+    def _run_writes(self, writes: list) -> None:
+        """The pwrites of a planned write: (data, lo, hi, host offset), where data
+        is bytes or a function reading the old content for a fill (sliced [lo:hi];
+        None: it reads as zeros already)."""
+        fd = self.dfd
+        read: dict = {}
+        for data, lo, hi, at in writes:
+            if callable(data):
+                if data not in read:
+                    read[data] = data()
+                data = read[data]
+                if data is None:
+                    continue
+                data = data[lo:hi]
+            pwrite_full(fd, data, at)
+
+    def _link(self, allocs: list) -> None:
+        """Point guest clusters [g, g+k) at the host clusters written for them,
+        from host on; the old ones are released (freed at a flush)."""
+        bits, mask, l2_bits = self.cluster_bits, self.l2_mask, self.l2_bits
+        for g, k, host in allocs:
+            t = self._l2_for_write(g >> l2_bits)   # ours (COPIED) already: at most reloaded
+            ents = t.entries
+            for x in range(k):
+                i = (g + x) & mask
+                self._release(ents[i])
+                ents[i] = (host + (x << bits)) | COPIED
+            t.dirty = True
 
     def _check_shared_table(self, l1i: int, pos: int, end: int) -> None:
         """Before a shared L2 table is copied for a write: refuse the write if it
@@ -580,14 +714,16 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             if e & (COMPRESSED | OFFSET_MASK):
                 self._check_free(e, g, "writing")
 
-    def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int) -> None:
-        """Write mv[pos-base:end-base], which lies within the guest range of table t."""
+    def _write_table(self, t: _L2, pos: int, end: int, mv: memoryview, base: int,
+                     writes: list, allocs: list) -> None:
+        """Plan writing mv[pos-base:end-base], which lies within the guest range of
+        table t, into writes and allocs (see _plan_write). Extended L2 entries
+        are written at once."""
         if self.ext:
             return self._x_write_table(t, pos, end, mv, base)
         bits, cs = self.cluster_bits, self.cs
         ents = t.entries
-        fd = self.dfd
-        external = fd != self.fd
+        external = self.dfd != self.fd
         while pos < end:
             g = pos >> bits
             i = g & self.l2_mask
@@ -600,7 +736,7 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
                     buf = bytearray(cs)
                     lo = pos & (cs - 1)
                     buf[lo:lo + run_end - pos] = mv[pos - base:run_end - base]
-                    pwrite_full(fd, buf, host)
+                    pwrite_full(self.dfd, buf, host)    # rare: under the lock
                     ents[i] = e & ~ZERO_FLAG
                     t.dirty = True
                     pos = run_end
@@ -612,7 +748,7 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
                     j += 1
                     expect += cs
                 self._check_guest(host >> bits, j - i, "writing", g)
-                pwrite_full(fd, mv[pos - base:run_end - base], host + (pos & (cs - 1)))
+                writes.append((mv[pos - base:run_end - base], 0, 0, host + (pos & (cs - 1))))
                 pos = run_end
                 continue
             # Needs new clusters: gather the run of clusters that all do.
@@ -629,30 +765,19 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             if k < j - i:       # a smaller free run: write that much now
                 j = i + k
                 run_end = min(end, (g + k) << bits)
-            # Fills first: they read the old mapping, which stays valid until flush.
-            fills = []
+            # Fills read the old mapping, which stays valid until the link and
+            # the flush after it (qcow2_inflight).
             lo = pos & (cs - 1)
+            writes.append((mv[pos - base:run_end - base], 0, 0, h0 + lo))
             if lo:
-                old = self._content(ents[i], g)
-                if old is None and external:    # its place in the data file: not fresh
-                    old = self._zeros
-                if old is not None:
-                    fills.append((old[:lo], h0))
+                old = self._old_content(ents[i], g, external)
+                self._fill(writes, old, 0, lo, h0)
             hi = run_end & (cs - 1)
             if hi:
                 if not (lo and k == 1):     # same cluster as the head: reuse its content
-                    old = self._content(ents[j - 1], g + k - 1)
-                    if old is None and external:
-                        old = self._zeros
-                if old is not None:
-                    fills.append((old[hi:], h0 + ((k - 1) << bits) + hi))
-            pwrite_full(fd, mv[pos - base:run_end - base], h0 + lo)
-            for buf, at in fills:
-                pwrite_full(fd, buf, at)
-            for x in range(k):
-                self._release(ents[i + x])
-                ents[i + x] = (h0 + (x << bits)) | COPIED
-            t.dirty = True
+                    old = self._old_content(ents[j - 1], g + k - 1, external)
+                self._fill(writes, old, hi, cs, h0 + ((k - 1) << bits) + hi)
+            allocs.append((g, k, h0))
             pos = run_end
 
     def _check_guest(self, first: int, n: int, action: str, g: int) -> None:
@@ -665,6 +790,28 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         """Refuse to replace (or punch) entry e if its clusters are metadata."""
         first, n = self._span(e)
         self._check_guest(first, n, action, g)
+
+    def _old_content(self, e: int, g: int, external: bool):
+        """The content of guest cluster g (entry e) for a copy-on-write fill:
+        bytes or None (reads as zeros) read now, under the lock, or a function
+        that reads it outside the lock where that touches only files that
+        stay valid meanwhile (a data cluster, a backing file safe for many
+        threads)."""
+        if external:        # its place in the data file is not fresh: zeros are written
+            old = self._content(e, g)
+            return self._zeros if old is None else old
+        kind, _ = self._kind(e, g)
+        if kind == _DATA or kind == _UNALLOC and self._backing_shared():
+            return lambda: self._content(e, g)
+        return self._content(e, g)
+
+    @staticmethod
+    def _fill(writes: list, old, lo: int, hi: int, at: int) -> None:
+        """Add the write of old[lo:hi] at host offset `at` (old: see _old_content)."""
+        if callable(old):
+            writes.append((old, lo, hi, at))
+        elif old is not None:
+            writes.append((old[lo:hi], 0, 0, at))
 
     def _content(self, e: int, g: int) -> bytes | None:
         """Current content of guest cluster g (entry e); None when it reads as zeros."""
@@ -825,6 +972,10 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
 
     # --- durability --------------------------------------------------------------------
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self.read_only and self.fd >= 0:
             self._sync()
 
@@ -846,7 +997,8 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         rc, fd, bits = self.rc, self.fd, self.cluster_bits
         dirty_l2 = [t for t in self._cache.values() if t.dirty]
         if not (self._dirty or dirty_l2 or self.l1_dirty or self._hdr_fields
-                or self._pending_free or self._retired or rc.dirty or rc.table_dirty):
+                or self._pending_free or self._retired or rc.dirty or rc.table_dirty
+                or self._flight.any_ready()):
             return
         old_rt = rc.grow_table_if_needed()
         # 1. guest data and refcount increments (including new metadata clusters)
@@ -881,14 +1033,17 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             self._write_header(**self._hdr_fields)
             self._hdr_fields = {}
             os.fsync(fd)
-        # 5. only now drop the references that were replaced. Metadata that no
-        # table on disk points at any more leaves the overlap map first.
+        # 5. only now drop the references that were replaced, once no data I/O
+        # that may still use them runs (qcow2_inflight). Metadata that no table
+        # on disk points at any more leaves the overlap map first.
         for kind, first, n in self._retired:
             self.meta.remove(kind, first, n)
             self._pending_free.extend(range(first, first + n))
         self._retired = []
-        if self._pending_free:
-            pending, self._pending_free = self._pending_free, []
+        self._flight.hold(self._pending_free)
+        self._pending_free = []
+        pending = self._flight.ready()
+        if pending:
             self._check_frees(pending)
             freed = sorted(c for c in pending if rc.decref(c) == 0)
             rc.write_blocks()
@@ -951,11 +1106,12 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
                 pass        # the image is still refused for writing in this process
 
     def resize(self, new_size: int) -> None:
-        self.check_writable()
-        try:
-            self._resize(new_size)
-        except qm.MetadataOverlap as e:
-            raise self._corrupted(e, save=False) from None
+        with self._lock:        # writes in flight lie below the old size: no wait
+            self.check_writable()
+            try:
+                self._resize(new_size)
+            except qm.MetadataOverlap as e:
+                raise self._corrupted(e, save=False) from None
 
     def _resize(self, new_size: int) -> None:
         if new_size < self.size:
@@ -970,7 +1126,7 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
             raise ImageError(f"{self.path}: size {new_size} needs an L1 table larger than "
                              f"qemu's limit")
         if need > len(self.l1):
-            self.flush()    # the old L1 on disk must be complete before we copy it
+            self._flush()   # the old L1 on disk must be complete before we copy it
             self.l1.extend([0] * (need - len(self.l1)))
             fields = {"l1_size": need}
             if need * 8 > self.l1_clusters * self.cs:   # move it to a bigger place
@@ -1000,12 +1156,13 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         self._sync()
 
     def close(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            self.flush()
-        finally:
-            self._close_files()
+        with self._lock:
+            if self.fd < 0:
+                return
+            try:
+                self._flush()
+            finally:
+                self._close_files()
 
     def _close_files(self) -> None:
         if self.backing is not None:

@@ -135,7 +135,7 @@ class SubclusterMixin:
                     nb = (b | touched) & ~(touched << 32)
                 elif e:         # compressed: the whole cluster, decompressed
                     n = min(cs, self.size - cbase)
-                    buf = bytearray(self.read(cbase, n))
+                    buf = bytearray(self._read_held(cbase, n))
                     buf[lo:hi] = data
                     pwrite_full(self.dfd, buf, host)
                     nb = ALL
