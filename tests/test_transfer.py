@@ -425,6 +425,14 @@ def test_zero_blocks_agrees_with_a_block_by_block_scan():
         assert b"".join(d for _, d in got) == b"".join(
             buf[p:p + GRAIN] for p in range(0, len(buf), GRAIN) if p not in zeros)
     assert zero_blocks(bytes(5 * GRAIN + 7)) == [0, GRAIN, 2 * GRAIN, 3 * GRAIN, 4 * GRAIN, 5 * GRAIN]
+    # Runs of zero-led blocks are compared as one span first: a span with data
+    # in one block, or in its short tail, must fall back to block by block.
+    z, one = bytes(GRAIN), b"\0" * (GRAIN - 1) + b"\1"
+    assert zero_blocks(b"\1" + bytes(GRAIN - 1) + z * 3 + one + z) == \
+        [GRAIN, 2 * GRAIN, 3 * GRAIN, 5 * GRAIN]
+    assert zero_blocks(z * 3 + b"\0\0\1") == [0, GRAIN, 2 * GRAIN]
+    assert zero_blocks(rnd.randbytes(GRAIN) + z * 4 + bytes(9)) == \
+        [GRAIN, 2 * GRAIN, 3 * GRAIN, 4 * GRAIN, 5 * GRAIN]
 
 
 def _header_with(stream: bytes, change) -> bytes:
