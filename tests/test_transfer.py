@@ -469,6 +469,14 @@ def test_zero_blocks_agrees_with_a_block_by_block_scan():
         assert b"".join(d for _, d in got) == b"".join(
             buf[p:p + GRAIN] for p in range(0, len(buf), GRAIN) if p not in zeros)
     assert zero_blocks(bytes(5 * GRAIN + 7)) == [0, GRAIN, 2 * GRAIN, 3 * GRAIN, 4 * GRAIN, 5 * GRAIN]
+    # Runs of zero-led blocks are compared as one span first: a span with data
+    # in one block, or in its short tail, must fall back to block by block.
+    z, one = bytes(GRAIN), b"\0" * (GRAIN - 1) + b"\1"
+    assert zero_blocks(b"\1" + bytes(GRAIN - 1) + z * 3 + one + z) == \
+        [GRAIN, 2 * GRAIN, 3 * GRAIN, 5 * GRAIN]
+    assert zero_blocks(z * 3 + b"\0\0\1") == [0, GRAIN, 2 * GRAIN]
+    assert zero_blocks(rnd.randbytes(GRAIN) + z * 4 + bytes(9)) == \
+        [GRAIN, 2 * GRAIN, 3 * GRAIN, 4 * GRAIN, 5 * GRAIN]
 
 
 def _header_with(stream: bytes, change) -> bytes:
@@ -538,3 +546,56 @@ def test_export_to_a_reader_that_quits_is_an_error(store):
     r = subprocess.run(f"{base} list | head -1; echo status=${{PIPESTATUS[0]}}", shell=True,
                        executable="/bin/bash", capture_output=True, text=True, timeout=60)
     assert "status=0" in r.stdout          # list | head is fine
+
+
+def test_copy_announces_reads_ahead_so_a_cold_source_is_read_in_parallel(tmp_path):
+    """copy_image asks the source for each piece (Image.prefetch) before it
+    reads it, up to PREFETCH ahead, and never for holes; a prefetched raw
+    range then reads without waiting for the disk (RWF_NOWAIT)."""
+    from vbdfs.images import Kind
+    from vbdfs.images.fileops import drop_cache
+    from vbdfs.images.raw import RawImage
+
+    class Recorded(RawImage):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = []
+
+        def prefetch(self, offset, length):
+            self.calls.append(("prefetch", offset, length))
+            super().prefetch(offset, length)
+
+        def read(self, offset, length):
+            self.calls.append(("read", offset, length))
+            return super().read(offset, length)
+
+    path = str(tmp_path / "src")
+    rnd = random.Random(3)
+    with RawImage.create(path, 4 * GiB) as img:
+        pieces = sorted(rnd.sample(range(0, 4 * GiB // PIECE, 17), 800))
+        for p in pieces:
+            img.write(p * PIECE, rnd.randbytes(PIECE))
+    src = Recorded(path, read_only=True)
+    with src:
+        transfer.copy_image(src, lambda off, data: None, transfer.SparseHash(src.size))
+        reads = [c[1:] for c in src.calls if c[0] == "read"]
+        assert len(reads) == len(pieces)
+        announced, asked, got, left = set(), 0, 0, len(pieces) * PIECE
+        for kind, off, n in src.calls:
+            if kind == "prefetch":
+                assert src.extents(off, n) == [(off, n, Kind.DATA)]     # data only
+                announced.add((off, n))
+                asked += n
+            else:
+                assert (off, n) in announced            # announced before it is read
+                assert asked - got >= min(transfer.PREFETCH, left)     # and well ahead
+                got += n
+                left -= n
+
+        first = pieces[0] * PIECE
+        drop_cache(path)
+        view = memoryview(bytearray(PIECE))
+        assert src.read_nowait(first, PIECE, view) is None      # evicted: would wait
+        src.prefetch(first, PIECE)
+        wait_for(lambda: src.read_nowait(first, PIECE, view) is not None, 10,
+                 "the prefetched range in the page cache")

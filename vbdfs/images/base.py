@@ -80,6 +80,11 @@ class Image:
         """Start writing completed writes to disk without waiting (see
         fileops.start_writeback); flush() is still what makes them durable."""
 
+    def prefetch(self, offset: int, length: int) -> None:
+        """Hint: read(offset, length) comes soon; start reading it from the
+        store without waiting (posix_fadvise WILLNEED). A copy that asks ahead
+        keeps many reads in flight where its preads alone wait for each."""
+
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Runs of data / zero / hole covering [offset, offset+length), merged."""
         raise NotImplementedError

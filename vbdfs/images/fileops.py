@@ -66,6 +66,15 @@ def start_writeback(fd: int) -> None:
         pass
 
 
+def advise_willneed(fd: int, offset: int, length: int) -> None:
+    """Start reading [offset, offset+length) into the page cache without
+    waiting. A hint: a filesystem that cannot (or an error) just reads later."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+
+
 def drop_cache(path: str) -> None:
     """Forget this node's cached pages of a file, so the next reads come from
     the storage. On shared storage another node may have written the file:

@@ -87,8 +87,8 @@ from . import qcow2_header as qh
 from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .confined import open_regular
-from .fileops import (allocated_bytes, fsync_dir, pread_full, punch_hole, pwrite_full,
-                      start_writeback)
+from .fileops import (advise_willneed, allocated_bytes, fsync_dir, pread_full, punch_hole,
+                      pwrite_full, start_writeback)
 from .qcow2_inflight import InFlight
 from .qcow2_refcount import Refcounts, load_be, to_be
 from .qcow2_subclusters import SubclusterMixin
@@ -527,6 +527,18 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         """Is there a backing file that may be read outside the lock (from many threads)?"""
         b = self.backing
         return b is not None and (b.format == "raw" or getattr(b, "concurrent", False))
+
+    def prefetch(self, offset: int, length: int) -> None:
+        with self._lock:        # _map walks the table caches
+            length = self.clamp_read(offset, length)
+            pos, end = offset, offset + length
+            while pos < end:
+                kind, host, n = self._map(pos, end)
+                if kind == _DATA:
+                    advise_willneed(self.dfd, host, n)
+                elif kind == _UNALLOC and self.backing is not None and pos < self.backing.size:
+                    self.backing.prefetch(pos, min(n, self.backing.size - pos))
+                pos += n
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         with self._lock:

@@ -11,8 +11,8 @@ import os
 
 from .base import Extent, Image, ImageError, Kind, is_zero, merge_extents
 from .confined import open_regular
-from .fileops import (allocated_bytes, data_runs, pread_full, punch_hole,
-                      pwrite_full, start_writeback)
+from .fileops import (advise_willneed, allocated_bytes, data_runs, pread_full,
+                      punch_hole, pwrite_full, start_writeback)
 
 
 class RawImage(Image):
@@ -119,6 +119,9 @@ class RawImage(Image):
     def start_writeback(self) -> None:
         if not self.read_only:
             start_writeback(self.fd)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        advise_willneed(self.fd, offset, length)
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         if length is None:

@@ -85,6 +85,7 @@ from ..store.names import disk_name
 from . import inuse
 
 CHUNK = 4 << 20          # largest read, write and stream record
+PREFETCH = 32 << 20      # data asked of the source ahead of the reads (copy_image)
 WRITEBACK_STEP = 4 << 20 # start the disk writing after each this much copied
 GRAIN = 4096             # zero blocks of this size (aligned) are neither hashed nor copied
 CHECKSUM = "sha256-runs"
@@ -180,7 +181,10 @@ def zero_blocks(data: bytes) -> list[int]:
     those bytes out at C speed, and only blocks starting with a zero are
     compared whole. Random or compressed data costs next to nothing; a
     bytes.find(_ZEROS) over every byte cost more and held the GIL, which
-    stalled the hashing and writeback threads.
+    stalled the hashing and writeback threads. Neighbouring candidates are
+    compared as one span first: in a qcow2 extent the zeros are whole runs
+    (a cluster's unwritten parts), and one memcmp per run instead of one
+    compare per block halved this function's time on such extents.
     """
     firsts = data[::GRAIN]
     candidates = firsts.count(0)
@@ -190,13 +194,19 @@ def zero_blocks(data: bytes) -> list[int]:
     if candidates == len(firsts) and is_zero(data):
         return list(range(0, n, GRAIN))
     out = []
+    view = memoryview(data)
     i = firsts.find(0)
     while i >= 0:
-        pos = i * GRAIN
-        end = min(pos + GRAIN, n)
-        if data[pos:end] == (_ZEROS if end - pos == GRAIN else bytes(end - pos)):
-            out.append(pos)
-        i = firsts.find(0, i + 1)
+        j = len(firsts) - len(firsts[i:].lstrip(b"\0"))   # blocks i..j-1 start with a zero
+        pos, end = i * GRAIN, min(j * GRAIN, n)
+        if j - i > 1 and is_zero(view[pos:end]):
+            out.extend(range(pos, end, GRAIN))
+        else:
+            for p in range(pos, end, GRAIN):
+                e = min(p + GRAIN, n)
+                if data[p:e] == (_ZEROS if e - p == GRAIN else bytes(e - p)):
+                    out.append(p)
+        i = firsts.find(0, j)
     return out
 
 
@@ -219,32 +229,54 @@ def feed(put, hasher: SparseHash, offset: int, buf) -> int:
     return done
 
 
-def copy_image(src: Image, put, hasher: SparseHash, progress=None) -> int:
-    """Hash src's contents and put() their non-zero runs; return the bytes put.
-
-    Only DATA extents are read, widened to whole GRAIN blocks (so the runs,
-    and the checksum, do not depend on the image's layout). progress(n), if
-    given, is called with the virtual bytes covered, holes included.
-    """
-    written = 0
-    done = 0                       # everything below this is hashed and copied
+def _pieces(src: Image) -> list[tuple[int, int]]:
+    """(offset, length) of src's DATA extents, widened to whole GRAIN blocks
+    (so the runs, and the checksum, do not depend on the image's layout) and
+    cut at CHUNK boundaries: what copy_image reads, in order."""
+    out = []
+    done = 0
     for ext in src.extents(0, src.size):
         if ext.kind is not Kind.DATA:
             continue
         pos = max(ext.offset // GRAIN * GRAIN, done)
         end = min(-(-ext.end // GRAIN) * GRAIN, src.size)
-        if progress and pos > done:
-            progress(pos - done)
         while pos < end:
             n = min(CHUNK - pos % CHUNK, end - pos)
-            buf = src.read(pos, n)
-            if len(buf) != n:
-                raise ImageError(f"{src.path}: short read at {pos}")
-            written += feed(put, hasher, pos, buf)
+            out.append((pos, n))
             pos += n
-            if progress:
-                progress(n)
         done = max(done, pos)
+    return out
+
+
+def copy_image(src: Image, put, hasher: SparseHash, progress=None) -> int:
+    """Hash src's contents and put() their non-zero runs; return the bytes put.
+
+    Only DATA extents are read (see _pieces). Each read is announced
+    PREFETCH bytes ahead (Image.prefetch), so that a source not in the page
+    cache has many reads in flight, as qemu-img's parallel requests do:
+    one pread at a time made a cold 1 GiB export 0.69x qemu-img. progress(n),
+    if given, is called with the virtual bytes covered, holes included.
+    """
+    pieces = _pieces(src)
+    written = 0
+    done = 0                       # everything below this is hashed and copied
+    hinted = ahead = 0             # pieces[:hinted] announced, ahead bytes not yet read
+    for pos, n in pieces:
+        while hinted < len(pieces) and ahead < PREFETCH:
+            off, length = pieces[hinted]
+            src.prefetch(off, length)
+            ahead += length
+            hinted += 1
+        ahead -= n
+        if progress and pos > done:
+            progress(pos - done)
+        buf = src.read(pos, n)
+        if len(buf) != n:
+            raise ImageError(f"{src.path}: short read at {pos}")
+        written += feed(put, hasher, pos, buf)
+        done = pos + n
+        if progress:
+            progress(n)
     if progress and src.size > done:
         progress(src.size - done)
     return written
