@@ -54,15 +54,26 @@ def gluster(*args, check=True):
 
 GLUSTER_STATE = ("/var/lib/glusterd", "/run/gluster", "/var/log/glusterfs")
 NAMESPACED = "VBDFS_BENCH_SLOW_NAMESPACED"
+FUSE_CONNECTIONS = "/sys/fs/fuse/connections"
 
 
-def reexec_in_namespaces() -> None:
-    """Run this script again in its own mount and network namespaces:
-    glusterd is one per machine (its port, its state directories), and a
-    test's or another user's may be running."""
+def reexec_in_namespaces(net: bool) -> None:
+    """Run this script again in its own mount namespace (and network
+    namespace, to build the GlusterFS store): glusterd is one per machine
+    (its port, its state directories), and a test's or another user's may be
+    running; the fusectl mount below is ours alone."""
     os.environ[NAMESPACED] = "1"
-    os.execvp("unshare", ["unshare", "--mount", "--net", "--propagation", "private",
+    os.execvp("unshare", ["unshare", "--mount", *(["--net"] if net else []),
+                          "--propagation", "private",
                           sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+
+
+def fuse_connections() -> None:
+    """Mount fusectl where a systemd host has it (sys-fs-fuse-connections.mount)
+    if it is missing, as in a container: the vbdfs daemon raises its mount's
+    max_background there (vbdfs/daemon.py)."""
+    if not os.listdir(FUSE_CONNECTIONS) and not os.path.ismount(FUSE_CONNECTIONS):
+        run("mount", "-t", "fusectl", "none", FUSE_CONNECTIONS)
 
 
 def private_gluster_state(work: str) -> None:
@@ -214,8 +225,9 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"bench-slow: {tool} is missing (run tools/setup)", file=sys.stderr)
             return 1
-    if not args.store and os.environ.get(NAMESPACED) != "1":
-        reexec_in_namespaces()
+    if os.environ.get(NAMESPACED) != "1":
+        reexec_in_namespaces(net=not args.store)
+    fuse_connections()
     work = args.workdir or tempfile.mkdtemp(prefix="vbdfs-bench-slow-", dir="/var/tmp")
     size = args.size * MiB
     options = [f"-o{o}" for o in args.options]

@@ -53,6 +53,9 @@ from . import fuseloop
 MODES = ("auto", "inline", "threads")
 THREADS = 16
 MAX_TASKS = 2 * THREADS
+# Requests the kernel may have in flight to the daemon (FUSE max_background,
+# set at mount: see daemon.py); those past MAX_TASKS wait in the kernel.
+MAX_BACKGROUND = MAX_TASKS
 # Reads of a disk averaging over SLOW_NS go to threads, back under FAST_NS
 # inline. A thread hand-off costs the loop's thread ~11 us of CPU (see
 # in_thread), and the request some latency: worth it only for requests that
