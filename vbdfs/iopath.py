@@ -35,7 +35,12 @@ keeps metadata caches that are not safe for two callers at once.
 
 Bounds: at most THREADS worker threads for the daemon, and pyfuse3 runs at
 most MAX_TASKS request tasks (each holds one request and its buffer, up to
-1 MiB), whatever the guests' queue depth.
+1 MiB), whatever the guests' queue depth. The kernel sends a FUSE server at
+most max_background asynchronous requests at once (direct I/O from fio or a
+loop device, readahead); its default, 12, capped a guest's queue depth at 12
+and so, on a slow store, the IOPS at 12 / latency. The daemon raises its
+mount's to MAX_BACKGROUND at start (daemon.py; through fusectl, so as root);
+requests past MAX_TASKS wait in the kernel.
 """
 
 from __future__ import annotations
