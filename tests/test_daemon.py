@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from conftest import wait_for
+from vbdfs import daemon, iopath
 from vbdfs.daemon import UsageError, parse_options
+from vbdfs.operations import holders
 
 VBDFS = [sys.executable, "-m", "vbdfs.daemon"]
 
@@ -100,3 +102,46 @@ def test_mount_t_fuse_vbdfs(store, tmp_path):
         assert line.split()[:3] == [store.root, str(mnt), "fuse.vbdfs"]
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.fixture
+def fuse_connections():
+    """The fusectl filesystem, where a systemd host mounts it; mounted for
+    the test (and unmounted after) where it is missing, as in a container."""
+    path = daemon.FUSE_CONNECTIONS
+    mounted_here = not os.path.ismount(path)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", path], check=True)
+    yield path
+    if mounted_here:
+        subprocess.run(["umount", path], check=True)
+
+
+def connection_of(mountpoint: str) -> str:
+    [dev] = [dev for dev, where, _, _ in holders.mount_table() if where == mountpoint]
+    major, minor = (int(n) for n in dev.split(":"))
+    return os.path.join(daemon.FUSE_CONNECTIONS, str(major << 20 | minor))
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_raises_its_mounts_max_background(store, mount, fuse_connections):
+    # The kernel's default (12) caps a guest's queue depth at 12 requests in flight.
+    m = mount()
+    conn = connection_of(m.path)
+    with open(os.path.join(conn, "max_background")) as f:
+        assert int(f.read()) == iopath.MAX_BACKGROUND > 12
+    with open(os.path.join(conn, "congestion_threshold")) as f:
+        assert int(f.read()) == iopath.MAX_BACKGROUND * 3 // 4
+    assert f"FUSE max_background {iopath.MAX_BACKGROUND}" in m.output()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_says_so_when_it_cannot_raise_max_background(mounted, tmp_path, monkeypatch, caplog):
+    # No fusectl mounted (here: an empty directory stands for its mount point).
+    monkeypatch.setattr(daemon, "FUSE_CONNECTIONS", str(tmp_path / "connections"))
+    daemon.raise_background_limit(mounted.path, 32)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "max_background stays at the kernel's default" in warning
+    assert "mount -t fusectl" in warning

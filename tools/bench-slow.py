@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench import REPO, MiB, fio, qsd_export, ratio, run, vbdfs_mount  # noqa: E402
+from bench import REPO, MiB, fio, format_row, qsd_export, run, vbdfs_mount  # noqa: E402
 
 from vbdfs.store import DiskSpec, Store  # noqa: E402
 
@@ -54,15 +54,26 @@ def gluster(*args, check=True):
 
 GLUSTER_STATE = ("/var/lib/glusterd", "/run/gluster", "/var/log/glusterfs")
 NAMESPACED = "VBDFS_BENCH_SLOW_NAMESPACED"
+FUSE_CONNECTIONS = "/sys/fs/fuse/connections"
 
 
-def reexec_in_namespaces() -> None:
-    """Run this script again in its own mount and network namespaces:
-    glusterd is one per machine (its port, its state directories), and a
-    test's or another user's may be running."""
+def reexec_in_namespaces(net: bool) -> None:
+    """Run this script again in its own mount namespace (and network
+    namespace, to build the GlusterFS store): glusterd is one per machine
+    (its port, its state directories), and a test's or another user's may be
+    running; the fusectl mount below is ours alone."""
     os.environ[NAMESPACED] = "1"
-    os.execvp("unshare", ["unshare", "--mount", "--net", "--propagation", "private",
+    os.execvp("unshare", ["unshare", "--mount", *(["--net"] if net else []),
+                          "--propagation", "private",
                           sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+
+
+def fuse_connections() -> None:
+    """Mount fusectl where a systemd host has it (sys-fs-fuse-connections.mount)
+    if it is missing, as in a container: the vbdfs daemon raises its mount's
+    max_background there (vbdfs/daemon.py)."""
+    if not os.listdir(FUSE_CONNECTIONS) and not os.path.ismount(FUSE_CONNECTIONS):
+        run("mount", "-t", "fusectl", "none", FUSE_CONNECTIONS)
 
 
 def private_gluster_state(work: str) -> None:
@@ -135,9 +146,10 @@ def drop_caches() -> None:
         f.write("3")
 
 
-def prepare(work: str, store_dir: str, size: int) -> tuple[Store, str]:
+def prepare(work: str, store_dir: str, size: int, fmt: str) -> tuple[Store, str]:
     """The vbdfs store (with instance `bench`) and the qemu-storage-daemon
-    image, both on store_dir, both holding the same random bytes."""
+    image, both on store_dir, both holding the same random bytes in the same
+    layout (qcow2: converted by qemu-img, 64 KiB clusters, as tools/bench)."""
     src = os.path.join(work, "source.raw")
     if not os.path.exists(src):
         run("dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={size // MiB}",
@@ -146,24 +158,30 @@ def prepare(work: str, store_dir: str, size: int) -> tuple[Store, str]:
     os.makedirs(store.root, exist_ok=True)
     if os.path.exists(store.instance_dir("bench")):
         store.remove("bench")
-    disk = store.create("bench", [DiskSpec(size=size, format="raw")]).disks[0]
+    disk = store.create("bench", [DiskSpec(size=size, format=fmt)]).disks[0]
     qsd_dir = os.path.join(store_dir, "vbdfs-bench-qsd")
     os.makedirs(qsd_dir, exist_ok=True)
-    qsd_image = os.path.join(qsd_dir, "disk.raw")
+    qsd_image = os.path.join(qsd_dir, f"disk.{fmt}")
     for dst in (disk.path, qsd_image):
-        run("dd", f"if={src}", f"of={dst}", "bs=4M", "conv=fsync", "status=none")
+        if fmt == "raw":
+            run("dd", f"if={src}", f"of={dst}", "bs=4M", "conv=fsync", "status=none")
+        else:
+            run("qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", "cluster_size=65536",
+                src, dst)
+            run("sync", dst)
     return store, qsd_image
 
 
 def bench_store(work: str, store_dir: str, size: int, args, options: list[str]) -> dict:
-    store, qsd_image = prepare(work, store_dir, size)
+    store, qsd_image = prepare(work, store_dir, size, args.format)
     mnt = os.path.join(work, "mnt")
     export = os.path.join(work, "qsd.export")
     paths = {"vbdfs": os.path.join(mnt, "bench", "sda"), "qsd": export}
     only = {o for o in args.only.split(",") if o}
     results = {}
     try:
-        with vbdfs_mount(store, mnt, options, args.tree), qsd_export(qsd_image, "raw", export):
+        with vbdfs_mount(store, mnt, options, args.tree), \
+                qsd_export(qsd_image, args.format, export):
             for name, rw, bs, depth in WORKLOADS:
                 if only and not any(o in name for o in only):
                     continue
@@ -177,9 +195,11 @@ def bench_store(work: str, store_dir: str, size: int, args, options: list[str]) 
                 row = results[name] = {t: statistics.median(r[metric] for r in rs)
                                        for t, rs in runs.items()}
                 row["rounds"] = {t: [round(r[metric], 1) for r in rs] for t, rs in runs.items()}
-                unit = "MiB/s" if metric == "mib_s" else "IOPS"
-                print(f"{name:20} vbdfs {row['vbdfs']:8.0f}  qsd {row['qsd']:8.0f} {unit:5}"
-                      f"  vbdfs/qsd {ratio(row['vbdfs'], row['qsd'])}", flush=True)
+                medians = {t: {metric: row[t]} for t in runs}
+                spread = "  ".join(f"{t} {'/'.join(f'{v:.0f}' for v in row['rounds'][t])}"
+                                   for t in runs)
+                print(f"{format_row(args.format, name, medians, targets=runs)}  ({spread})",
+                      flush=True)
     finally:
         store.remove("bench")
         with contextlib.suppress(OSError):
@@ -192,6 +212,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="use this directory (a slow store) instead of building "
                    "the delayed GlusterFS volume")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="image format of both disks (default raw)")
     p.add_argument("--delay", type=int, default=1000,
                    help="delay-gen delay-duration in microseconds (default 1000)")
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (default 1024)")
@@ -208,20 +230,22 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench-slow: run as root (it mounts filesystems, drops caches)", file=sys.stderr)
         return 1
-    tools = ["fio", "qemu-storage-daemon"] + ([] if args.store else ["glusterd", "gluster",
-                                                                      "mount.glusterfs"])
+    tools = ["fio", "qemu-img", "qemu-storage-daemon"]
+    if not args.store:
+        tools += ["glusterd", "gluster", "mount.glusterfs"]
     for tool in tools:
         if not shutil.which(tool):
             print(f"bench-slow: {tool} is missing (run tools/setup)", file=sys.stderr)
             return 1
-    if not args.store and os.environ.get(NAMESPACED) != "1":
-        reexec_in_namespaces()
+    if os.environ.get(NAMESPACED) != "1":
+        reexec_in_namespaces(net=not args.store)
+    fuse_connections()
     work = args.workdir or tempfile.mkdtemp(prefix="vbdfs-bench-slow-", dir="/var/tmp")
     size = args.size * MiB
     options = [f"-o{o}" for o in args.options]
     where = args.store or f"GlusterFS on {HOST}, delay-gen {args.delay} us on READ and WRITE"
-    print(f"bench-slow: {args.size} MiB raw image on {where}; {args.runtime}s per job, "
-          f"median of {args.rounds}, page cache dropped before each run; vbdfs from "
+    print(f"bench-slow: {args.size} MiB {args.format} image on {where}; {args.runtime}s "
+          f"per job, median of {args.rounds}, page cache dropped before each run; vbdfs from "
           f"{args.tree}, options: {','.join(args.options) or '(none)'}", flush=True)
     try:
         if args.store:

@@ -172,11 +172,13 @@ def ratio(a, b) -> str:
     return f"{a / b:5.2f}x" if b else "  n/a"
 
 
-def format_row(fmt: str, name: str, row: dict) -> str:
+def format_row(fmt: str, name: str, row: dict, targets=("direct", "vbdfs", "qsd")) -> str:
+    """One workload's line: each target's MiB/s (1M workloads) or IOPS, and
+    the ratios. row: target -> fio's numbers (see fio()) for that target."""
     metric = "mib_s" if "1M" in name else "iops"
     unit = "MiB/s" if metric == "mib_s" else "IOPS"
     cells = [f"{fmt:5} {name:23}"]
-    for target in ("direct", "vbdfs", "qsd"):
+    for target in targets:
         v = row.get(target)
         cells.append(f"{target} {v[metric]:9.0f}" if v else f"{target} {'-':>9}")
     v = row["vbdfs"][metric]

@@ -42,7 +42,12 @@ per-disk lock held across the whole request, thread hand-off included.
 
 Bounds: at most THREADS worker threads for the daemon, and pyfuse3 runs at
 most MAX_TASKS request tasks (each holds one request and its buffer, up to
-1 MiB), whatever the guests' queue depth.
+1 MiB), whatever the guests' queue depth. The kernel sends a FUSE server at
+most max_background asynchronous requests at once (direct I/O from fio or a
+loop device, readahead); its default, 12, capped a guest's queue depth at 12
+and so, on a slow store, the IOPS at 12 / latency. The daemon raises its
+mount's to MAX_BACKGROUND at start (daemon.py; through fusectl, so as root);
+requests past MAX_TASKS wait in the kernel.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ from . import fuseloop
 MODES = ("auto", "inline", "threads")
 THREADS = 16
 MAX_TASKS = 2 * THREADS
+# Requests the kernel may have in flight to the daemon (FUSE max_background,
+# set at mount: see daemon.py); those past MAX_TASKS wait in the kernel.
+MAX_BACKGROUND = MAX_TASKS
 # Reads of a disk averaging over SLOW_NS go to threads, back under FAST_NS
 # inline. A thread hand-off costs the loop's thread ~11 us of CPU (see
 # in_thread), and the request some latency: worth it only for requests that
