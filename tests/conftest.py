@@ -144,6 +144,16 @@ def qemu_img(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
                           check=check, cwd=cwd)
 
 
+def assert_judged_same(path, model: bytes, tmp_path) -> None:
+    """qemu-img check finds the qcow2 image clean and compare finds it equal to model."""
+    r = qemu_img("check", path, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(model)
+    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def qemu_io(path, *cmds, fmt="qcow2", cwd=None) -> None:
     """qemu-io running cmds on the image; fails the test on any error it reports."""
     argv = ["qemu-io", "-f", fmt]

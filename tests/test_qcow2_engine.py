@@ -8,25 +8,12 @@ import random
 import subprocess
 
 import pytest
+from conftest import assert_judged_same, qemu_img
 
 from vbdfs.images import ImageError, Kind, OutOfRange, ReadOnlyImage, create_image, open_image
 from vbdfs.images.qcow2 import Qcow2Image
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def qemu_img(*args, check=True):
-    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          check=check)
-
-
-def check_and_compare(path, model, tmp_path):
-    r = qemu_img("check", path, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(model)
-    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.fixture
@@ -132,7 +119,7 @@ def test_v2_zero_without_and_with_backing(tmp_path):
         img.flush()
         assert img.read(0, 5 * 4096) == b"\x02" * 4096 + bytes(3 * 4096) + b"\x02" * 4096
         assert img.allocated() < 64 * KiB        # the zero clusters were not written
-    check_and_compare(ov, b"\x02" * 4096 + bytes(3 * 4096) + b"\x02" * (2 * MiB - 4 * 4096)
+    assert_judged_same(ov, b"\x02" * 4096 + bytes(3 * 4096) + b"\x02" * (2 * MiB - 4 * 4096)
                       + bytes(6 * MiB), tmp_path)
 
 
@@ -162,7 +149,7 @@ def test_freed_clusters_are_reused(tmp_path, compat, cs, flush_each):
         assert img.read(0, size) == model
     grown = os.path.getsize(path) - start
     assert grown <= (8 * cs if flush_each else 4 * MiB + 8 * cs), grown
-    check_and_compare(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
 
 
 def test_reused_cluster_with_old_bytes_reads_zeros_around_a_write(tmp_path):
@@ -191,7 +178,7 @@ def test_reused_cluster_with_old_bytes_reads_zeros_around_a_write(tmp_path):
     model[6 * 65536 - 10:6 * 65536 + 10] = b"across two clusters"[:20]
     runs = json.loads(qemu_img("map", "--output=json", path).stdout)
     assert any(r.get("offset") == host for r in runs), runs        # it was reused
-    check_and_compare(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
 
 
 def test_resize_grows_and_refuses_shrink(img):
@@ -233,7 +220,7 @@ def test_l2_cache_is_bounded(tmp_path):
             model[off:off + len(data)] = data
             assert len(img._cache) <= 3
         assert img.read(0, len(model)) == model
-    check_and_compare(p, model, tmp_path)
+    assert_judged_same(p, model, tmp_path)
 
 
 MODEL_VARIANTS = [("1.1", 512), ("1.1", 4096), ("1.1", 65536), ("0.10", 512),
@@ -292,7 +279,7 @@ def test_randomized_against_model(tmp_path, compat, cs, backing):
                 assert model[e.offset:e.end] == bytes(e.length)
     finally:
         img.close()
-    check_and_compare(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
 
 
 def test_refcount_cache_is_bounded(tmp_path):
@@ -315,7 +302,7 @@ def test_refcount_cache_is_bounded(tmp_path):
         assert img.read(0, len(model)) == model
     finally:
         img.close()
-    check_and_compare(p, model, tmp_path)
+    assert_judged_same(p, model, tmp_path)
 
 
 def _overlay(tmp_path, compat, cs, old_size, written):
@@ -348,7 +335,7 @@ def test_grow_over_larger_backing_reads_zeros(tmp_path, compat, cs, written):
         assert img.read(0, new) == model
     with Qcow2Image(str(path), read_only=True) as img:
         assert img.size == new and img.read(0, new) == model
-    check_and_compare(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
 
 
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])

@@ -15,22 +15,13 @@ import subprocess
 
 import pytest
 
-from conftest import engine_random_writes, qemu_img, qemu_random_writes
+from conftest import assert_judged_same, engine_random_writes, qemu_img, qemu_random_writes
 from vbdfs.images.base import ImageError
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 24 * MiB
-
-
-def assert_judged_same(path, model, tmp_path):
-    r = qemu_img("check", path, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(model)
-    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("cluster", [16 * KiB, 64 * KiB, 2 * MiB])

@@ -30,7 +30,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench import REPO, MiB, fio, format_row, qsd_export, run, vbdfs_mount  # noqa: E402
+from bench import (MiB, add_common_options, fio, format_row, qsd_export, run,  # noqa: E402
+                   vbdfs_mount)
 
 from vbdfs.store import DiskSpec, Store  # noqa: E402
 
@@ -219,13 +220,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (default 1024)")
     p.add_argument("--runtime", type=int, default=6, help="seconds per fio job (default 6)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median is shown")
-    p.add_argument("--only", default="", help="comma-separated workload name filters")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="mount options for the vbdfs daemon (e.g. io=threads)")
-    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
-                   "(e.g. an unpacked `git archive` of another version, to compare)")
-    p.add_argument("--workdir", help="where to put local files (default: a temp dir in /var/tmp)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_common_options(p, "where to put local files (default: a temp dir in /var/tmp)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench-slow: run as root (it mounts filesystems, drops caches)", file=sys.stderr)

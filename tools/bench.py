@@ -187,19 +187,24 @@ def format_row(fmt: str, name: str, row: dict, targets=("direct", "vbdfs", "qsd"
     return "  ".join(cells).rstrip()
 
 
+def add_common_options(p: argparse.ArgumentParser, workdir_help: str) -> None:
+    """The options tools/bench and tools/bench-slow share."""
+    p.add_argument("--only", default="", help="comma-separated workload name filters")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options for the vbdfs daemon (e.g. io=threads)")
+    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
+                   "(e.g. an unpacked `git archive` of another version, to compare)")
+    p.add_argument("--workdir", help=workdir_help)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", default="raw,qcow2", help="comma-separated: raw,qcow2")
     p.add_argument("--size", type=int, default=1024, help="image size in MiB (>= 1024)")
     p.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
-    p.add_argument("--only", default="", help="comma-separated workload name filters")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="mount options for the vbdfs daemon (e.g. io=threads)")
-    p.add_argument("--tree", default=REPO, help="run the vbdfs daemon of this source tree "
-                   "(e.g. an unpacked `git archive` of another version, to compare)")
-    p.add_argument("--workdir", help="where to put images (default: a temp dir under /var/tmp)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_common_options(p, "where to put images (default: a temp dir under /var/tmp)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (it mounts FUSE filesystems)", file=sys.stderr)
