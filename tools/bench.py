@@ -13,6 +13,13 @@ Targets:
 
 The "loop" workloads run on a direct-I/O loop device over the vbdfs disk file
 and over the qemu-storage-daemon export instead: the path a guest's I/O takes.
+
+Every run starts each target from the same page-cache state: the image's
+pages are written back and evicted, and before a read run the image is then
+read once, so reads measure the server over cached data. How pages came into
+the cache otherwise decides the result: a file filled by 1 MiB writes is
+cached in large folios, and ext4 (Linux 6.16 and later) then spends ~2x the
+CPU on each 4 KiB buffered write into it, whichever server makes the write.
 """
 
 from __future__ import annotations
@@ -75,6 +82,20 @@ def fio(path: str, rw: str, bs: str, depth: int, size: int, runtime: int) -> dic
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     return {"mib_s": side["bw_bytes"] / MiB, "iops": side["iops"]}
+
+
+def settle(image: str, rw: str) -> None:
+    """Put a target's image in the page-cache state every run starts from
+    (see the module's docstring): evicted, then read once for a read run."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if "read" in rw:
+            while os.read(fd, 8 * MiB):
+                pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -145,6 +166,7 @@ def bench_format(work: str, fmt: str, size: int, runtime: int, only: set, args) 
     paths = {"vbdfs": os.path.join(mnt, "bench", "sda"), "qsd": export}
     if "direct" in images:
         paths["direct"] = images["direct"]
+    backing = {**images, "vbdfs": disk.path}     # target -> its image file
     results = {}
     vbdfs = vbdfs_mount(store, mnt, [f"-o{o}" for o in args.options], args.tree)
     with vbdfs, qsd_export(images["qsd"], fmt, export):
@@ -154,15 +176,17 @@ def bench_format(work: str, fmt: str, size: int, runtime: int, only: set, args) 
             row = results[name] = {}
             for target in ("direct", "vbdfs", "qsd"):
                 if target in paths:
+                    settle(backing[target], rw)
                     row[target] = fio(paths[target], rw, bs, depth, size, runtime)
             print(format_row(fmt, name, row), flush=True)
         loop_work = [w for w in LOOP_WORKLOADS if not only or any(o in w[0] for o in only)]
         if loop_work:
             with loop_device(paths["vbdfs"]) as vloop, loop_device(paths["qsd"]) as qloop:
                 for name, rw, bs, depth in loop_work:
-                    row = results[name] = {
-                        target: fio(dev, rw, bs, depth, size, runtime)
-                        for target, dev in (("vbdfs", vloop), ("qsd", qloop))}
+                    row = results[name] = {}
+                    for target, dev in (("vbdfs", vloop), ("qsd", qloop)):
+                        settle(backing[target], rw)
+                        row[target] = fio(dev, rw, bs, depth, size, runtime)
                     print(format_row(fmt, name, row), flush=True)
     store.remove("bench")
     return results
