@@ -94,7 +94,11 @@ def test_add_defaults_from_template_and_bare_mib(env, store):
 
 
 def test_add_in_whitelisted_custom_path(env, store):
-    env("add", "-t", f"file:path={env.allowed}", "--disk", "0:size=8M", "web", check=0)
+    r = env("add", "-t", f"file:path={env.allowed}", "--disk", "0:size=8M", "web", check=0)
+    # A warning from the store, logged as vbdctl set logging up (vbdfs/log.py
+    # loads logging at the first message): the prefix, once, on stderr.
+    assert r.stderr == (f"vbdctl: {store.whitelist_file}:3: ignoring relative path "
+                        "'relative/ignored'\n"), r.stderr
     m = store.load("web")
     assert m.disks[0].path == os.path.join(env.allowed, "web", "sda")
     assert os.listdir(store.instance_dir("web")) == ["manifest.json"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 
+from ..log import get_logger
 from ..operations import attach, inuse
 from ..store import (DRIVERS, FORMATS, DiskSpec, ManifestError, SizeError, StoreError,
                      check_instance_name, parse_growth, parse_size)
@@ -14,7 +14,7 @@ from ..store.manifest import MAX_DISKS
 from ..store.names import quoted
 from .common import add_output_option, emit_json, human_size, print_table
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def register(sub) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
+from ..log import get_logger
 from ..operations import attach, xen
 from .common import VbdctlError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def register(sub) -> None:

@@ -21,7 +21,6 @@ manifest holds the right one: move it over manifest.json to finish.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import time
@@ -29,12 +28,13 @@ import time
 from ..images import NEW_FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
 from ..images.qcow2_header import data_file_of
+from ..log import get_logger
 from ..store import Manifest, ManifestError, Store, StoreError, leases
 from ..store.store import CONVERT_JOURNAL, convert_temps, write_atomic
 from . import inuse
 from .transfer import SparseHash, TransferError, checksum_text, copy_image, writer
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | None = None,

@@ -87,6 +87,7 @@ from . import inuse
 CHUNK = 4 << 20          # largest read, write and stream record
 PREFETCH = 32 << 20      # data asked of the source ahead of the reads (copy_image)
 WRITEBACK_STEP = 4 << 20 # start the disk writing after each this much copied
+FIRST_BATCH = 256 << 10  # the hashing worker's first batch (SparseHash.run)
 GRAIN = 4096             # zero blocks of this size (aligned) are neither hashed nor copied
 CHECKSUM = "sha256-runs"
 CONFIG = "config.ini"
@@ -121,16 +122,20 @@ class SparseHash:
         self.start = self.end = 0
         self._batch = []               # runs not yet handed to the worker
         self._batched = 0
+        self._handover = FIRST_BATCH   # bytes to batch before handing over
         self._queue = None
         self._worker = None
 
     def run(self, offset: int, data) -> None:
         # Runs go to the worker in batches of about CHUNK bytes: a queue
-        # hand-off per 64 KiB run cost more than a tenth of the copy.
+        # hand-off per 64 KiB run cost more than a tenth of the copy. The
+        # first batches are smaller, so that the worker starts early: it
+        # idled while the first CHUNK was read, ~7 ms of a 50 MiB export.
         self._batch.append((offset, data))
         self._batched += len(data)
-        if self._batched >= CHUNK:
+        if self._batched >= self._handover:
             self._hand_over()
+            self._handover = min(2 * self._handover, CHUNK)
 
     def _hand_over(self) -> None:
         if self._worker is None:

@@ -23,15 +23,15 @@ lease's mode on its own descriptor, so a downgrade never lets go in between.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
 from ..images.confined import UnsafeFile, open_regular
 from ..images.fileops import write_atomic
+from ..log import get_logger
 from .locks import LockBusy, ofd_lock, ofd_test, ofd_unlock
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PERM_BASE = 100
 SHARED_BASE = 200

@@ -6,10 +6,11 @@ directory, and strictly below a directory listed in the whitelist file.
 
 from __future__ import annotations
 
-import logging
 import os
 
-log = logging.getLogger(__name__)
+from ..log import get_logger
+
+log = get_logger(__name__)
 
 
 class UnsafePath(ValueError):

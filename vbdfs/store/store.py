@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import logging
 import os
 import stat
 import struct
@@ -21,13 +20,14 @@ from ..images import ImageError, create_image, open_image
 from ..images import qcow2_header
 from ..images.confined import UnsafeFile, open_regular, stat_regular
 from ..images.fileops import fsync_dir, write_atomic
+from ..log import get_logger
 from . import leases, paths
 from .locks import LockBusy, ofd_lock
 from .manifest import (DRIVERS, FORMATS, MANIFEST, MAX_DISKS, MAX_SIZE, Disk, Manifest,
                        ManifestError)
 from .names import InvalidName, check_instance_name, disk_index, disk_name
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STATE_DIR = ".vbdfs"   # not a valid instance name, so never listed as one
 
