@@ -269,7 +269,7 @@ async def serve(stopper: Stopper) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stopper.run)
         # Each task holds at most one request: this bounds memory (see iopath.py).
-        await pyfuse3.main(max_tasks=iopath.MAX_TASKS)
+        await pyfuse3.main(max_tasks=iopath.MAX_TASKS, **fuseloop.main_options())
         nursery.cancel_scope.cancel()
 
 

@@ -89,7 +89,12 @@ def _worker() -> None:
     while True:
         token, task, fn, args = _jobs.get()
         result = outcome.capture(fn, *args)
+        # Let go of the arguments before the task resumes: pyfuse3 receives
+        # the next request into a write's buffer again only if nothing else
+        # still holds (a view of) it; otherwise it allocates a new one.
+        del fn, args
         token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+        del task, result
 
 
 async def in_thread(fn, *args):
