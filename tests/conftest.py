@@ -181,21 +181,25 @@ def qemu_random_writes(path, model: bytearray, rng, count: int) -> None:
     qemu_io(path.name, *cmds, cwd=path.parent)
 
 
-def engine_random_writes(img, model: bytearray, rng, count: int) -> None:
+def engine_random_writes(img, model: bytearray, rng, count: int, size=None,
+                         zero_writes: float = 0.10, flushes: float = 0.05) -> None:
     """Writes of mixed sizes at unaligned offsets, zero writes and zero(), through
-    an Image, mirrored in model; a flush now and then."""
+    an Image, mirrored in model; a flush now and then. size(rng) picks a length
+    (default: a few typical ones); zero_writes and flushes are the shares of
+    writes of zeros (besides the 15% of zero() calls) and of flushes."""
     for _ in range(count):
         off = rng.randrange(0, len(model) - 1)
-        n = min(rng.choice([1, 100, 511, 4096, 9000, 70000, 300000]), len(model) - off)
+        n = size(rng) if size else rng.choice([1, 100, 511, 4096, 9000, 70000, 300000])
+        n = min(n, len(model) - off)
         r = rng.random()
         if r < 0.15:
             img.zero(off, n)
             data = bytes(n)
         else:
-            data = bytes(n) if r < 0.25 else rng.randbytes(n)
+            data = bytes(n) if r < 0.15 + zero_writes else rng.randbytes(n)
             img.write(off, data)
         model[off:off + n] = data
-        if rng.random() < 0.05:
+        if rng.random() < flushes:
             img.flush()
 
 

@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 
-from conftest import qemu_img
+from conftest import assert_judged_same, engine_random_writes, qemu_img
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 from vbdfs.images.qcow2_refcount import RefcountOverflow
@@ -48,28 +48,8 @@ def sha(path):
 
 
 def random_writes(img, model, rng, count, max_len=200 * KiB):
-    for _ in range(count):
-        off = rng.randrange(0, len(model) - 1)
-        n = min(rng.randrange(1, max_len), len(model) - off)
-        r = rng.random()
-        if r < 0.15:
-            img.zero(off, n)
-            data = bytes(n)
-        else:
-            data = bytes(n) if r < 0.3 else rng.randbytes(n)
-            img.write(off, data)
-        model[off:off + n] = data
-        if rng.random() < 0.1:
-            img.flush()
-
-
-def assert_clean_and_same(path, model, tmp_path):
-    assert qemu_img("check", path, check=False).returncode == 0, qemu_img("check", path,
-                                                                          check=False)
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(model)
-    r = qemu_img("compare", "-f", "qcow2", "-F", "raw", path, raw, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    engine_random_writes(img, model, rng, count, size=lambda r: r.randrange(1, max_len),
+                         zero_writes=0.15, flushes=0.1)
 
 
 @pytest.mark.parametrize("bits,cluster", [(1, 4 * KiB), (2, 2 * MiB), (4, 64 * KiB),
@@ -84,11 +64,11 @@ def test_refcount_widths_are_writable(tmp_path, bits, cluster):
     with Qcow2Image(str(path)) as img:
         assert not img.read_only
         random_writes(img, model, rng, 80)
-    assert_clean_and_same(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
     assert check_file(str(path))["verdict"] == "clean"
     with Qcow2Image(str(path)) as img:        # freed clusters are reused at this width too
         random_writes(img, model, rng, 40)
-    assert_clean_and_same(path, model, tmp_path)
+    assert_judged_same(path, model, tmp_path)
 
 
 # --- images with refcount errors -------------------------------------------------------
