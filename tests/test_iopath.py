@@ -266,11 +266,15 @@ def test_qcow2_requests_never_block_the_loop_on_the_engine_lock(tmp_path):
 
 
 class ThreadNotingQcow2(HeldQcow2):
-    """Notes which thread each read runs on."""
+    """Notes which thread each read runs on (inline ones call read_serial)."""
 
     def read(self, offset, length):
         self.readers.append(threading.get_ident())
         return super().read(offset, length)
+
+    def read_serial(self, offset, length):
+        self.readers.append(threading.get_ident())
+        return super().read_serial(offset, length)
 
 
 def test_fast_qcow2_disk_returns_inline_after_a_thread(tmp_path):

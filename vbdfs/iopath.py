@@ -40,7 +40,9 @@ loop, until those have ended, then run inline. (Sending them all to
 threads kept a fast disk at queue depth 16 in threads for good, since one
 of its requests was always in flight: 0.76x the inline speed.) A request
 served inline runs to its end without yielding, so inline requests never
-contend.
+contend, and it calls the Image's read_serial/write_serial: a qcow2 engine
+then keeps its lock across the data I/O and skips the in-flight bookkeeping
+that only overlapping requests need.
 Engines not safe for two callers (legacy qcow, and a cold image, which
 opens its file afresh per call) are entered by one request at a time: a
 per-disk lock held across the whole request, thread hand-off included.
@@ -194,7 +196,7 @@ class DiskIO:
 
     async def read(self, off: int, size: int):
         if self.mode == "inline":
-            return self.image.read(off, size)
+            return self.image.read_serial(off, size)
         if self.lock is not None:
             return await self._locked(False, self.image.read, off, size)
         if self.engine_lock and self._active and await self._joins_threads():
@@ -218,13 +220,13 @@ class DiskIO:
         # (an extra coroutine and Latency.timed cost ~1 us per 4 KiB read).
         start = time.perf_counter_ns()
         try:
-            return self.image.read(off, size)
+            return self.image.read_serial(off, size)
         finally:
             self.latency.note(time.perf_counter_ns() - start)
 
     async def write(self, off: int, data) -> None:
         if self.mode == "inline":
-            return self.image.write(off, data)
+            return self.image.write_serial(off, data)
         if self.lock is not None:
             return await self._locked(True, self.image.write, off, data)
         if self.engine_lock and self._active and await self._joins_threads():
@@ -245,7 +247,7 @@ class DiskIO:
                 return self.image.write(off, data)
         if self.mode == "threads":
             return await self._thread(True, self.image.write, off, data)
-        return self.image.write(off, data)      # as _run would, without its coroutine
+        return self.image.write_serial(off, data)   # as _run would, without its coroutine
 
     async def zero(self, off: int, length: int) -> None:
         """Deallocate a range (fallocate: a guest's discard or write-zeroes):

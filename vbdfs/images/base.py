@@ -68,6 +68,16 @@ class Image:
     def write(self, offset: int, data: bytes) -> None:
         raise NotImplementedError
 
+    # read() and write() for a caller that serves one request at a time
+    # (iopath's inline path). An engine that lets requests overlap (qcow2
+    # reads and writes data outside its metadata lock) may skip the
+    # bookkeeping that needs; the others are safe either way.
+    def read_serial(self, offset: int, length: int) -> bytes:
+        return self.read(offset, length)
+
+    def write_serial(self, offset: int, data: bytes) -> None:
+        self.write(offset, data)
+
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros, deallocating where possible."""
         raise NotImplementedError
