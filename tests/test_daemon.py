@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import wait_for
-from vbdfs import daemon, iopath
+from vbdfs import daemon, fuseloop, iopath
 from vbdfs.daemon import UsageError, parse_options
 from vbdfs.operations import holders
 
@@ -145,3 +145,21 @@ def test_says_so_when_it_cannot_raise_max_background(mounted, tmp_path, monkeypa
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "max_background stays at the kernel's default" in warning
     assert "mount -t fusectl" in warning
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_reads_requests_in_pyfuse3s_receiving_thread(store, mount):
+    """tools/setup builds pyfuse3 with patches/pyfuse3-*-receive-thread.patch,
+    and the daemon must use it: sequential writes through a loop device
+    depend on it (README Performance). The thread runs no Python; before any
+    I/O it is the daemon's only task besides the main one (iopath's worker
+    threads start at the first hand-off)."""
+    assert fuseloop.RECEIVE_THREAD, "pyfuse3 lacks the receive-thread patch: run tools/setup"
+    m = mount()
+    pid = m.proc.pid
+
+    def tasks():
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    wait_for(lambda: len(tasks()) > 1, what="the receiving thread to start")
+    assert len(tasks()) == 2 and pid in tasks(), tasks()
