@@ -637,11 +637,7 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
                 self._flight.allocate(ranges)
         written = False
         try:
-            if len(writes) == 1 and not allocs:     # the common case: one in place
-                data, _, _, at = writes[0]
-                pwrite_full(self.dfd, data, at)
-            else:
-                self._run_writes(writes)
+            self._run_writes(writes)
             written = True
         finally:
             with self._lock:
@@ -683,10 +679,6 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
     def _write(self, offset: int, mv: memoryview) -> None:
         """Write with the data I/O under the lock too (zeroing, rare layouts)."""
         writes, allocs = self._plan_write(offset, mv)
-        if len(writes) == 1 and not allocs:     # the common case: one in place
-            data, _, _, at = writes[0]
-            pwrite_full(self.dfd, data, at)
-            return
         self._run_writes(writes)
         self._link(allocs)
 
@@ -714,6 +706,9 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
         is bytes or a function reading the old content for a fill (sliced [lo:hi];
         None: it reads as zeros already)."""
         fd = self.dfd
+        if len(writes) == 1 and not callable(writes[0][0]):    # the common case: one in place
+            pwrite_full(fd, writes[0][0], writes[0][3])
+            return
         read: dict = {}
         for data, lo, hi, at in writes:
             if callable(data):
