@@ -9,7 +9,9 @@ methods are synchronous; reads, writes, flushes, fallocate and lseek go
 through the disk's DiskIO (iopath.py), which calls them straight from the
 handler or, on a slow store, in a worker thread. A handler that touches an
 open Image must go through it too: a qcow2 engine must never be entered by
-two requests at once.
+two requests at once. Opening and closing an image run in a thread too, one
+at a time per disk: they may take long (a repair, a flush) and must not hold
+up the other disks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import stat
 
 import pyfuse3
+import trio
 
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
 from .images.confined import UnsafeFile, stat_regular
@@ -90,6 +93,7 @@ class VbdFs(pyfuse3.Operations):
         self._key_of: dict[int, tuple] = {ROOT: ()}
         self._manifests: dict[str, tuple] = {}   # name -> (stat key, Manifest | error text)
         self._open: dict[int, OpenDisk] = {}      # fh (= disk inode) -> OpenDisk
+        self._opening: dict[int, trio.Lock] = {}   # disk inode -> its opens and releases, in turn
         self._logged: set[tuple] = set()           # errors already logged once
         self._read_only: dict[tuple, tuple] = {}    # key -> (image file stat key, reason)
         self._root_stat = os.stat(store.root)
@@ -374,24 +378,36 @@ class VbdFs(pyfuse3.Operations):
             # With atomic O_TRUNC the kernel passes it here instead of a setattr.
             raise pyfuse3.FUSEError(errno.EPERM)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        od = self._open.get(inode)
-        if od is None or (writable and not od.writable):
-            new = self._open_disk(key, writable)
-            old, self._open[inode] = od, new
-            if old is not None:      # upgrade a read-only Image to read-write
-                new.opens = old.opens
-                await old.io.idle()  # its requests in flight end on it first
-                old.close()
-            od = new
-        if writable and od.image.read_only_reason:
-            # Refused here, not at the first write: losetup, attach and guests
-            # learn it at once (the engine may also find corruption while open).
-            raise pyfuse3.FUSEError(errno.EROFS)
-        od.opens += 1
+        async with self._disk_turn(inode):
+            od = self._open.get(inode)
+            if od is None or (writable and not od.writable):
+                # In a thread: opening reads the image's metadata, each read a
+                # round trip on a network store, and repairs a dirty qcow2,
+                # seconds for a large one. Meanwhile the other disks are served.
+                new = await trio.to_thread.run_sync(self._open_disk, key, writable)
+                old, self._open[inode] = od, new
+                if old is not None:      # upgrade a read-only Image to read-write
+                    new.opens = old.opens
+                    await old.io.idle()  # its requests in flight end on it first
+                    await trio.to_thread.run_sync(old.close)
+                od = new
+            if writable and od.image.read_only_reason:
+                # Refused here, not at the first write: losetup, attach and guests
+                # learn it at once (the engine may also find corruption while open).
+                raise pyfuse3.FUSEError(errno.EROFS)
+            od.opens += 1
         # direct_io: no page cache in front of the disk (the backing file has
         # one), and the kernel then skips its security.capability GETXATTR
         # round trip before every write: 4 KiB random writes went 6k -> 10k IOPS.
         return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=True)
+
+    def _disk_turn(self, inode: int) -> trio.Lock:
+        """The lock that takes a disk's opens and releases one at a time: they
+        wait in threads, and each must find what the one before it left."""
+        lock = self._opening.get(inode)
+        if lock is None:
+            lock = self._opening[inode] = trio.Lock()
+        return lock
 
     def _open_disk(self, key: tuple, writable: bool) -> OpenDisk:
         """Open the image; a writer first takes the disk's write lease.
@@ -577,15 +593,18 @@ class VbdFs(pyfuse3.Operations):
 
     @contained
     async def release(self, fh):
-        od = self._open[fh]
-        od.opens -= 1
-        if od.opens == 0:
-            del self._open[fh]
-            await od.io.idle()
-            try:
-                od.close()
-            except (OSError, ImageError) as e:
-                log.error("closing %s failed: %s", self._key_of.get(fh), e)
+        async with self._disk_turn(fh):
+            od = self._open[fh]
+            od.opens -= 1
+            if od.opens == 0:
+                del self._open[fh]
+                await od.io.idle()
+                try:
+                    # Closing flushes the image (a qcow2 marks itself clean): in a
+                    # thread, like opening.
+                    await trio.to_thread.run_sync(od.close)
+                except (OSError, ImageError) as e:
+                    log.error("closing %s failed: %s", self._key_of.get(fh), e)
 
     def close_all(self) -> None:
         """Flush and close every open image (at unmount)."""
