@@ -187,6 +187,40 @@ def test_remove_after_a_convert_killed_mid_copy_leaves_nothing(store):
     store.create("web", [DiskSpec(MiB)])              # the name is usable again
 
 
+@pytest.mark.parametrize("custom", [False, True], ids=["store", "custom_dir"])
+def test_remove_takes_the_external_data_files_only_its_disks_use(store, tmp_path, custom):
+    """An adopted qcow2 disk's external data file, next to it, goes with the
+    instance (it used to stay, with its directory). One that a disk of
+    another instance names too stays, as does that instance."""
+    import subprocess
+    if custom:
+        nas = tmp_path / "nas" / "vms"
+        nas.mkdir(parents=True)
+        open(store.whitelist_file, "w").write(f"{nas.parent}\n")
+        vm = nas / "vm"
+    else:
+        nas, vm = None, os.path.join(store.root, "vm")
+    os.mkdir(vm, 0o700)
+    other = os.path.join(os.path.dirname(vm), "other")      # below the same root as vm
+    os.mkdir(other, 0o700)
+
+    def qemu_img(*args, cwd):
+        subprocess.run(["qemu-img", *args], check=True, capture_output=True, cwd=cwd)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=sda.data", "sda", "8M", cwd=vm)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=shared.data", "sdb", "8M", cwd=vm)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=sda.data", "sda", "8M", cwd=other)
+    qemu_img("amend", "-o", "data_file=../vm/shared.data", "sda", cwd=other)
+    os.unlink(os.path.join(other, "sda.data"))
+    store.adopt("vm", directory=str(nas) if custom else None)
+    store.adopt("other", directory=str(nas) if custom else None)
+
+    store.remove("vm")
+    assert sorted(os.listdir(vm)) == ["shared.data"]          # other's disk names it
+    assert store.instances() == ["other"]
+    with store.open_disk(store.load("other").disks[0], read_only=True) as img:
+        assert img.read(0, 4096) == bytes(4096)
+
+
 def test_rename_killed_after_moving_a_data_directory(store, tmp_path):
     """The old manifest's disks are gone: load refuses with a way out, remove orphans nothing."""
     from vbdfs.store.store import RENAME_JOURNAL

@@ -15,21 +15,19 @@ image whose format the manifest does not name yet; the journal next to the
 manifest holds the right one: move it over manifest.json to finish.
 
 4. remove what the old image owned besides its file: a qcow2 disk's external
-   data file, if it is its own (see _owned_data_file). A crash before that
+   data file, if it is its own (Store.owned_data_files). A crash before that
    leaves the file behind: space, nothing the disk needs.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 import time
 
 from ..images import NEW_FORMATS, ImageError, create_image, open_image
 from ..images.fileops import fsync_dir
-from ..images.qcow2_header import data_file_of
 from ..log import get_logger
-from ..store import Manifest, ManifestError, Store, StoreError, leases
+from ..store import Store, leases
 from ..store.store import CONVERT_JOURNAL, convert_temps, write_atomic
 from . import inuse
 from .transfer import SparseHash, TransferError, checksum_text, copy_image, writer
@@ -66,7 +64,7 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
                                        root=root))
             with store.open_disk(d, read_only=True) as src, \
                     create_image(tmp, to, d.size) as dst:
-                owned = _owned_data_file(store, m, d, getattr(src, "data_file", None))
+                owned = store.owned_data_files(m, [d])
                 h = SparseHash(d.size)
                 with writer(dst) as put:
                     data = copy_image(src, put, h, tick)
@@ -111,54 +109,17 @@ def convert_disk(store: Store, name: str, disk: str, to: str, mountpoint: str | 
             "removed": removed, "seconds": round(time.monotonic() - started, 3)}
 
 
-def _owned_data_file(store: Store, m: Manifest, d, path: str | None) -> str | None:
-    """The old image's external data file (`path`, as the engine resolved it
-    inside the store) if the disk owns it, else None. Owned: next to the disk
-    (where `vbdctl add -t file,reuse` adopts one), a regular file with one
-    name, not a disk, and named as data file by no other disk of any instance
-    (an instance whose manifest cannot be read keeps it too)."""
-    if path is None:
-        return None
-    path = os.path.normpath(path)
-    if os.path.dirname(path) != os.path.dirname(d.path):
-        return None
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return None
-    for name in store.instances():
-        try:
-            disks = store.load(name).disks if name != m.name else m.disks
-        except (StoreError, ManifestError, OSError):     # unreadable: it might name the file
-            return None
-        for other in disks:
-            if other.path == path:
-                return None
-            if other.path == d.path or other.format != "qcow2":
-                continue
-            try:
-                root = store.disk_root(other.path)
-            except OSError:
-                return None
-            theirs = data_file_of(other.path, root)
-            if theirs and os.path.normpath(
-                    os.path.join(os.path.dirname(other.path), theirs)) == path:
-                return None
-    return path
-
-
-def _remove_owned(path: str | None, what: str) -> list[str]:
+def _remove_owned(paths: list[str], what: str) -> list[str]:
     """Remove the old image's own data file once the new image is in place; a
     failure leaves only space behind, so it is logged, not raised."""
-    if path is None:
-        return []
-    try:
-        os.unlink(path)
-        fsync_dir(os.path.dirname(path))
-    except OSError as e:
-        log.warning("%s: converted, but the old external data file %s was not removed: %s",
-                    what, path, e)
-        return []
-    return [path]
+    removed = []
+    for path in paths:
+        try:
+            os.unlink(path)
+            fsync_dir(os.path.dirname(path))
+        except OSError as e:
+            log.warning("%s: converted, but the old external data file %s was not removed: %s",
+                        what, path, e)
+            continue
+        removed.append(path)
+    return removed

@@ -438,8 +438,11 @@ class Store:
             if check is not None:
                 check(m)
             meta_dir = self.instance_dir(name)
+            owned = self.owned_data_files(m, m.disks)     # read from the images: before they go
             for d in m.disks:
                 _remove_quietly(d.path)
+            for path in owned:          # after the images: a crash between leaks, breaks nothing
+                _remove_quietly(path)
             data_dirs = {os.path.dirname(d.path) for d in m.disks} - {meta_dir}
             for directory in data_dirs | {meta_dir}:
                 _remove_leftovers(directory)
@@ -448,6 +451,44 @@ class Store:
             for d in sorted(data_dirs) + [meta_dir]:
                 _remove_quietly(d)
             fsync_dir(self.root)
+
+    def owned_data_files(self, m: Manifest, disks) -> list[str]:
+        """The external data files that only these qcow2 disks of instance m use
+        (adopted with them: `vbdctl add -t file,reuse`), which go when they go.
+        Owned: next to its disk, a regular file with one name, not a disk, and
+        named as data file by no disk of any instance but these (an instance
+        whose manifest cannot be read might name it: then nothing is owned)."""
+        mine = {d.path for d in disks}
+        wanted = {}
+        for d in disks:
+            path = self._data_file_path(d)
+            if path is None or os.path.dirname(path) != os.path.dirname(d.path):
+                continue
+            st = _lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                wanted[path] = d
+        for name in self.instances() if wanted else ():
+            try:
+                others = self.load(name).disks if name != m.name else m.disks
+            except (StoreError, ManifestError, OSError):
+                return []
+            for other in others:
+                wanted.pop(other.path, None)              # a disk is never a data file
+                if other.path not in mine:
+                    wanted.pop(self._data_file_path(other), None)
+        return sorted(wanted)
+
+    def _data_file_path(self, d) -> str | None:
+        """Where a qcow2 disk's header says its external data file is, or None."""
+        if d.format != "qcow2":
+            return None
+        try:
+            name = qcow2_header.data_file_of(d.path, self.disk_root(d.path))
+        except OSError:
+            return None
+        if not name:
+            return None
+        return os.path.normpath(os.path.join(os.path.dirname(d.path), name))
 
     def rename(self, old: str, new: str, check=None) -> Manifest:
         """Rename an instance: its directories (store and custom) and manifest.
