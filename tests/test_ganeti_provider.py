@@ -371,6 +371,144 @@ def test_snapshot_is_a_sparse_copy_removed_by_remove(store, nodes, fmt):
     n("remove")
 
 
+@pytest.fixture
+def reflink_store(tmp_path):
+    """A store on XFS with reflinks: a filesystem in a loop-mounted file."""
+    from conftest import GiB
+    img = tmp_path / "xfs.img"
+    with open(img, "wb") as f:
+        f.truncate(2 * GiB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    dev = subprocess.run(["losetup", "--find", "--show", str(img)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    mnt = tmp_path / "xfs"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            (mnt / "store").mkdir()
+            yield Store(str(mnt / "store"), whitelist_file=str(tmp_path / "file-storage-paths"))
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_snapshot_on_a_reflink_store_is_a_point_in_time_while_the_guest_writes(
+        reflink_store, tmp_path, fmt):
+    """`gnt-backup export --noshutdown`: the guest writes on while its disk is
+    snapshotted. On XFS the daemon makes a reflink copy between two requests,
+    so the snapshot holds exactly the writes up to some point: the guest's
+    writes land in random order, each block once, stamped with its sequence
+    number, and the snapshot must hold writes 0..K-1 and no other (K at least
+    the writes answered before the snapshot began). A copy made while the
+    guest writes held later writes without some earlier ones."""
+    import random
+    import struct
+    import threading
+    n = Node(reflink_store, tmp_path, "n1")
+    try:
+        n("create", VOL_SIZE=256, EXTP_FORMAT=fmt)
+        dev = n("attach")[1].strip()
+        n("open", VOL_OPEN_EXCLUSIVE="True")
+        blocks = random.Random(7).sample(range(256 * MiB // 4096), 256 * MiB // 4096)
+        answered = 0
+        stop = threading.Event()
+
+        def guest():
+            nonlocal answered
+            fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            try:
+                for seq, block in enumerate(blocks):
+                    if stop.is_set():
+                        return
+                    buf[:] = struct.pack(">QQ", seq + 1, block) * 256
+                    assert os.pwritev(fd, [buf], block * 4096) == 4096
+                    answered = seq + 1
+            finally:
+                os.close(fd)
+
+        writer = threading.Thread(target=guest)
+        writer.start()
+        try:
+            wait_for(lambda: answered >= 3000, what="the guest's first writes")
+            before = answered
+            n("snapshot", VOL_SNAPSHOT_NAME=VOL + ".snap", VOL_SNAPSHOT_SIZE=256)
+            after = answered
+            wait_for(lambda: answered >= after + 500, what="the guest to write on")
+        finally:
+            stop.set()
+            writer.join()
+        snap = reflink_store.load(VOL + ".snap").disks[0]
+        if fmt == "qcow2":
+            qemu_img_check(snap.path)
+        sdev = n("attach", VOL + ".snap")[1].strip()
+        n("open", VOL + ".snap", VOL_OPEN_EXCLUSIVE="True")
+        seqs = set()
+        for off in range(0, 256 * MiB, 4 * MiB):
+            data = pread_dev(sdev, off, 4 * MiB)
+            for at in range(0, len(data), 4096):
+                seq, block = struct.unpack_from(">QQ", data, at)
+                if seq:
+                    assert block == (off + at) // 4096 and seq <= len(blocks)
+                    seqs.add(seq)
+        k = len(seqs)
+        assert seqs == set(range(1, k + 1)), (
+            f"not a point in time: {k} writes, the latest {max(seqs)}, answered before "
+            f"{before}, after {after}")
+        assert before <= k <= after + 1
+        n("detach", VOL + ".snap")
+        n("remove", VOL + ".snap")
+        # Stopped and detached: the provider clones it itself, sharing every block.
+        n("detach")
+        st = os.statvfs(reflink_store.root)
+        n("snapshot", VOL_SNAPSHOT_NAME=VOL + ".snap", VOL_SNAPSHOT_SIZE=256)
+        used = (st.f_bfree - os.statvfs(reflink_store.root).f_bfree) * st.f_frsize
+        assert used < MiB and 4096 * k > 8 * MiB, used          # no data block copied
+        snap = reflink_store.load(VOL + ".snap").disks[0].path
+        vol = reflink_store.load(VOL).disks[0].path
+        assert subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, vol, snap],
+                              capture_output=True).returncode == 0
+        n("remove", VOL + ".snap")
+        n("remove")
+    finally:
+        n.stop()
+
+
+@pytest.mark.fuse
+@pytest.mark.root
+def test_clone_to_takes_only_an_empty_file_inside_the_store(store, nodes, tmp_path):
+    """user.vbdfs.clone_to names a file the daemon (root) writes: one outside
+    the store, or one with contents, is refused and left as it was; where the
+    store has no reflinks (ext4 here) the answer is EOPNOTSUPP."""
+    import errno
+    n = nodes()
+    n("create", VOL_SIZE=64)
+    n("attach")
+    n("open", VOL_OPEN_EXCLUSIVE="True")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"")
+    full = os.path.join(store.root, "full")
+    with open(full, "wb") as f:
+        f.write(b"keep")
+    empty = os.path.join(store.root, "empty")
+    open(empty, "wb").close()
+    for target, code in ((str(outside), errno.EINVAL), (full, errno.EEXIST),
+                         (os.path.join(store.root, "missing"), errno.EINVAL),
+                         (empty, errno.EOPNOTSUPP)):
+        with pytest.raises(OSError) as e:
+            os.setxattr(n.view(), "user.vbdfs.clone_to", target.encode())
+        assert e.value.errno == code, target
+    assert outside.read_bytes() == b"" and open(full, "rb").read() == b"keep"
+    assert os.path.getsize(empty) == 0
+    n("detach")
+    n("remove")
+
+
 @pytest.mark.fuse
 @pytest.mark.root
 def test_an_import_of_zeros_stays_sparse(store, nodes):

@@ -9,9 +9,9 @@ methods are synchronous; reads, writes, flushes, fallocate and lseek go
 through the disk's DiskIO (iopath.py), which calls them straight from the
 handler or, on a slow store, in a worker thread. A handler that touches an
 open Image must go through it too: a qcow2 engine must never be entered by
-two requests at once. Opening and closing an image run in a thread too, one
-at a time per disk: they may take long (a repair, a flush) and must not hold
-up the other disks.
+two requests at once. Opening an image runs in a thread and closing one
+writes back through DiskIO first, one open or release at a time per disk:
+they may take long (a repair, a flush) and must not hold up the other disks.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import stat
 import pyfuse3
 import trio
 
+from . import iopath
 from .images import Image, ImageError, OutOfRange, ReadOnlyImage
-from .images.confined import UnsafeFile, stat_regular
+from .images.confined import UnsafeFile, open_regular, stat_regular
 from .images.fileops import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
                              drop_cache)
 from .opendisk import DiskLeases, OpenDisk
@@ -54,6 +55,10 @@ _FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANG
 # "exclusive"; the ExtStorage open and close scripts set it (README "Ganeti").
 XATTR_LEASE = b"user.vbdfs.lease"
 LEASE_MODES = ("none", "shared", "exclusive")
+# Set on an open disk to the path of an empty file in the store: the daemon
+# makes it a reflink copy of the image between two of the disk's requests
+# (operations/volumes.py's snapshot; EOPNOTSUPP where that cannot be done).
+XATTR_CLONE_TO = b"user.vbdfs.clone_to"
 
 
 def contained(handler):
@@ -320,6 +325,9 @@ class VbdFs(pyfuse3.Operations):
     @contained
     async def setxattr(self, inode, name, value, ctx):
         key = self._key(inode)
+        if name == XATTR_CLONE_TO and len(key) == 2:
+            await self._clone_to(inode, value)
+            return
         if name != XATTR_LEASE or len(key) != 2:
             raise pyfuse3.FUSEError(errno.EPERM)
         mode = value.decode("ascii", "replace")
@@ -338,6 +346,30 @@ class VbdFs(pyfuse3.Operations):
         except leases.LeaseBusy as e:
             log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
             raise pyfuse3.FUSEError(errno.EBUSY) from None
+
+    async def _clone_to(self, inode: int, value: bytes) -> None:
+        od = self._open.get(inode)
+        if od is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)   # not open here: the caller copies the file
+        path = os.fsdecode(value)
+        try:
+            fd = open_regular(path, os.O_WRONLY, self.store.root)
+        except (UnsafeFile, OSError) as e:
+            log.warning("clone of %s refused: %s", "/".join(self._key(inode)), e)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            if os.fstat(fd).st_size:
+                raise pyfuse3.FUSEError(errno.EEXIST)      # only into an empty file
+            # Most of the writing back before the pause, by the request path.
+            await od.io.flush()
+            await od.io.idle()
+            if self._open.get(inode) is not od:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            # No await from here: none of the disk's requests runs until it is made.
+            if not od.image.reflink_to(fd):
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        finally:
+            os.close(fd)
 
     @contained
     async def removexattr(self, inode, name, ctx):
@@ -378,7 +410,7 @@ class VbdFs(pyfuse3.Operations):
             # With atomic O_TRUNC the kernel passes it here instead of a setattr.
             raise pyfuse3.FUSEError(errno.EPERM)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        async with self._disk_turn(inode):
+        async with iopath.Held(self._disk_turn(inode)):
             od = self._open.get(inode)
             if od is None or (writable and not od.writable):
                 # In a thread: opening reads the image's metadata, each read a
@@ -593,16 +625,23 @@ class VbdFs(pyfuse3.Operations):
 
     @contained
     async def release(self, fh):
-        async with self._disk_turn(fh):
+        async with iopath.Held(self._disk_turn(fh)):
             od = self._open[fh]
             od.opens -= 1
             if od.opens == 0:
-                del self._open[fh]
+                if od.writable:
+                    try:
+                        # Closing writes back what the image holds: the long part
+                        # first, through the request path (in a thread, on a slow store).
+                        await od.io.flush()
+                    except (OSError, ImageError):
+                        pass                # close() below meets it again and says so
                 await od.io.idle()
+                # Then out of _open and closed at once, lease and all: a detach
+                # that sees the disk released here finds its image closed.
+                del self._open[fh]
                 try:
-                    # Closing flushes the image (a qcow2 marks itself clean): in a
-                    # thread, like opening.
-                    await trio.to_thread.run_sync(od.close)
+                    od.close()
                 except (OSError, ImageError) as e:
                     log.error("closing %s failed: %s", self._key_of.get(fh), e)
 

@@ -279,7 +279,7 @@ class DiskIO:
         try:
             await self._wait(lambda: any(w and t < ticket for t, w in self._active.items()))
             if self.lock is not None:
-                async with _Held(self.lock):
+                async with Held(self.lock):
                     return await in_thread(self.image.flush)
             return await in_thread(self.image.flush)
         finally:
@@ -324,7 +324,7 @@ class DiskIO:
         """The whole request under the disk's lock (engines not safe for two callers)."""
         ticket = self._begin(is_write)
         try:
-            async with _Held(self.lock):
+            async with Held(self.lock):
                 return await self._run(is_write, fn, *args)
         finally:
             self._end(ticket)
@@ -350,10 +350,11 @@ class DiskIO:
             await self._done.wait()
 
 
-class _Held:
+class Held:
     """`async with lock`, without a trio checkpoint when the lock is free: an
     inline request must not yield (that would cost the fast request loop its
-    speed, see fuseloop.py)."""
+    speed, see fuseloop.py), nor a release that another task (a stop) must
+    find done."""
 
     __slots__ = ("lock",)
 

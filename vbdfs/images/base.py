@@ -127,6 +127,14 @@ class Image:
     def resize(self, new_size: int) -> None:
         raise NotImplementedError
 
+    def reflink_to(self, fd: int) -> bool:
+        """Make the empty file fd an instant copy of the image file, sharing its
+        blocks (fileops.clone_file), after flushing: the image as of now. With
+        no request in flight, it is a consistent point in time. False where it
+        cannot be: the filesystem has no reflinks, or the image is more than
+        its own file (a backing file, an external data file)."""
+        return False
+
     def close(self) -> None:
         raise NotImplementedError
 

@@ -87,8 +87,8 @@ from . import qcow2_header as qh
 from . import qcow2_meta as qm
 from .base import Extent, Image, ImageError, Kind, ReadOnlyImage, is_zero, merge_extents
 from .confined import open_regular
-from .fileops import (advise_willneed, allocated_bytes, fsync_dir, pread_full, punch_hole,
-                      pwrite_full, start_writeback)
+from .fileops import (advise_willneed, allocated_bytes, clone_file, fsync_dir, pread_full,
+                      punch_hole, pwrite_full, start_writeback)
 from .qcow2_inflight import InFlight
 from .qcow2_refcount import Refcounts, load_be, to_be
 from .qcow2_subclusters import SubclusterMixin
@@ -580,6 +580,13 @@ class Qcow2Image(SubclusterMixin, QcowCommon, Image):
     def allocated(self) -> int:
         extra = allocated_bytes(self.dfd) if self.dfd != self.fd else 0
         return allocated_bytes(self.fd) + extra
+
+    def reflink_to(self, fd: int) -> bool:
+        if self.backing is not None or self.dfd != self.fd:
+            return False
+        with self._lock:
+            self._flush()           # cached tables into the file: the copy is a whole image
+            return clone_file(self.fd, fd)
 
     # --- writing -------------------------------------------------------------------
     def check_writable(self) -> None:

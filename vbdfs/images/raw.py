@@ -11,7 +11,7 @@ import os
 
 from .base import Extent, Image, ImageError, Kind, is_zero, merge_extents
 from .confined import open_regular
-from .fileops import (advise_willneed, allocated_bytes, data_runs, pread_full,
+from .fileops import (advise_willneed, allocated_bytes, clone_file, data_runs, pread_full,
                       punch_hole, pwrite_full, start_writeback)
 
 
@@ -141,6 +141,9 @@ class RawImage(Image):
 
     def allocated(self) -> int:
         return allocated_bytes(self.fd)
+
+    def reflink_to(self, fd: int) -> bool:
+        return clone_file(self.fd, fd)     # it writes back our dirty pages first
 
     def resize(self, new_size: int) -> None:
         self.check_writable()
