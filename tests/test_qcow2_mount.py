@@ -258,6 +258,9 @@ def test_a_disk_repaired_at_open_holds_up_no_other_disk(store, mounted, tmp_path
     assert took > 0.3, f"the repair took {took:.2f} s: too fast to show anything"
     during = [t for t in stamps if started <= t <= opened]
     gaps = [b - a for a, b in zip([started] + during, during + [opened])]
-    assert max(gaps) < took / 4, (f"another disk's reads stopped for {max(gaps):.2f} s "
-                                  f"of the {took:.2f} s repair")
+    # Not gap-free: the repair's thread holds the GIL for whole C calls, and CI
+    # shares two cores. In the request loop the reads stopped for all of it.
+    assert len(during) >= 20 and max(gaps) < took / 2, (
+        f"another disk's reads stopped for {max(gaps):.2f} s of the {took:.2f} s repair "
+        f"({len(during)} reads meanwhile)")
     assert qemu_img("check", backing(store, "dirty")).returncode == 0
