@@ -421,7 +421,7 @@ class VbdFs(pyfuse3.Operations):
                 if old is not None:      # upgrade a read-only Image to read-write
                     new.opens = old.opens
                     await old.io.idle()  # its requests in flight end on it first
-                    await trio.to_thread.run_sync(old.close)
+                    old.close()          # read-only: nothing to write back
                 od = new
             if writable and od.image.read_only_reason:
                 # Refused here, not at the first write: losetup, attach and guests

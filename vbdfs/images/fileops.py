@@ -158,12 +158,17 @@ def pwrite_full(fd: int, data, offset: int) -> None:
         offset += n
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: str, flags: int = 0) -> None:
+    """fsync the file at path (through a FUSE mount: the server's flush)."""
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    fsync_path(path, os.O_DIRECTORY)
 
 def write_atomic(path: str, data: bytes) -> None:
     """Replace path with data: write a temp file, fsync, rename, fsync the directory."""

@@ -265,6 +265,7 @@ def snapshot(store, mountpoint: str, volume: str, snap_name: str, node: str) -> 
     lease, so a writer elsewhere is refused.
     """
     from ..images import ImageError, create_image
+    from ..images.fileops import fsync_path
     from ..store import DiskSpec, leases
     from .transfer import SparseHash, copy_image, writer
     m = store.load(volume)
@@ -282,10 +283,10 @@ def snapshot(store, mountpoint: str, volume: str, snap_name: str, node: str) -> 
         try:
             def fill(staged: str) -> list[DiskSpec]:
                 target = os.path.join(staged, DISK)
-                if not _reflink_copy(store, d, target, _view(mountpoint, volume)
-                                     if served_here else None):
-                    if served_here:
-                        _flush_view(_view(mountpoint, volume))
+                view = _view(mountpoint, volume) if served_here else None
+                if not _reflink_copy(store, d, target, view):
+                    if view is not None:
+                        fsync_path(view)       # the daemon's flush: tables and data on disk
                     with store.open_disk(d, read_only=True) as src, \
                             create_image(target, d.format, d.size) as dst:
                         with writer(dst) as put:
@@ -327,15 +328,6 @@ def _reflink_copy(store, d, target: str, view: str | None) -> bool:
     if not done:
         os.unlink(target)
     return done
-
-
-def _flush_view(view: str) -> None:
-    """The daemon's flush of a disk it serves: tables and data on disk."""
-    fd = os.open(view, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify(params: dict[str, str]) -> None:

@@ -459,23 +459,23 @@ class Store:
         named as data file by no disk of any instance but these (an instance
         whose manifest cannot be read might name it: then nothing is owned)."""
         mine = {d.path for d in disks}
-        wanted = {}
+        wanted = set()
         for d in disks:
             path = self._data_file_path(d)
             if path is None or os.path.dirname(path) != os.path.dirname(d.path):
                 continue
             st = _lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                wanted[path] = d
+                wanted.add(path)
         for name in self.instances() if wanted else ():
             try:
                 others = self.load(name).disks if name != m.name else m.disks
             except (StoreError, ManifestError, OSError):
                 return []
             for other in others:
-                wanted.pop(other.path, None)              # a disk is never a data file
+                wanted.discard(other.path)                # a disk is never a data file
                 if other.path not in mine:
-                    wanted.pop(self._data_file_path(other), None)
+                    wanted.discard(self._data_file_path(other))
         return sorted(wanted)
 
     def _data_file_path(self, d) -> str | None:
