@@ -71,8 +71,9 @@ def reexec_in_namespaces(net: bool) -> None:
 
 def fuse_connections() -> None:
     """Mount fusectl where a systemd host has it (sys-fs-fuse-connections.mount)
-    if it is missing, as in a container: the vbdfs daemon raises its mount's
-    max_background there (vbdfs/daemon.py)."""
+    if it is missing, as in a container: vbdfs versions before the
+    max-background pyfuse3 patch (--tree) raised their mount's max_background
+    there."""
     if not os.listdir(FUSE_CONNECTIONS) and not os.path.ismount(FUSE_CONNECTIONS):
         run("mount", "-t", "fusectl", "none", FUSE_CONNECTIONS)
 

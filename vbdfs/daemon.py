@@ -19,7 +19,6 @@ left behind by a crash, it cleans that up first (operations/recover.py).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import logging.handlers
 import os
@@ -228,41 +227,16 @@ class Stopper:
         pyfuse3.terminate()
 
 
-FUSE_CONNECTIONS = "/sys/fs/fuse/connections"
-
-
-def raise_background_limit(mountpoint: str, limit: int) -> None:
-    """Let the kernel send this mount up to `limit` asynchronous requests at
-    once (a loop device's or fio's direct I/O, readahead). Its default,
-    max_background 12, caps a guest's queue depth at 12 and so, on a slow
-    store, the IOPS at 12 / latency. libfuse sets it only from a
-    filesystem's init callback, which pyfuse3 does not expose; the kernel
-    also takes it through the fusectl filesystem, as root. The daemon's own
-    bounds (iopath.MAX_TASKS, THREADS) hold whatever the kernel sends.
-
-    mountpoint: resolved already (as mountinfo has it); resolving it now
-    would stat the mount, whose requests nobody serves yet."""
-    devs = [dev for dev, where, fstype, _ in holders.mount_table()
-            if where == mountpoint and fstype.startswith("fuse")]
-    if not devs:
-        log.warning("max_background stays at the kernel's default: no FUSE mount at %s "
-                    "in /proc/self/mountinfo", mountpoint)
-        return
-    major, minor = (int(n) for n in devs[-1].split(":"))
-    conn = os.path.join(FUSE_CONNECTIONS, str(major << 20 | minor))   # the kernel's dev_t
-    try:
-        for name, value in (("max_background", limit),
-                            ("congestion_threshold", limit * 3 // 4)):
-            with open(os.path.join(conn, name), "w") as f:
-                f.write(str(value))
-    except OSError as e:
-        how = (f"mount -t fusectl none {FUSE_CONNECTIONS}" if e.errno == errno.ENOENT
-               else "run the daemon as root")
-        log.warning("max_background stays at the kernel's default (12 requests in flight, "
-                    "a guest's deeper queue waits): cannot set it in %s: %s (%s)",
-                    conn, e.strerror, how)
-        return
-    log.info("FUSE max_background %d (kernel default 12)", limit)
+def report_background_limit() -> None:
+    """Say whether the kernel may send this mount more than 12 asynchronous
+    requests at once (VbdFs.max_background, which only the patched pyfuse3
+    passes on at mount)."""
+    if hasattr(pyfuse3.Operations, "max_background"):
+        log.info("FUSE max_background %d (kernel default 12)", VbdFs.max_background)
+    else:
+        log.warning("FUSE max_background stays at the kernel's default (12 requests in "
+                    "flight, a guest's deeper queue waits): this pyfuse3 lacks "
+                    "patches/pyfuse3-*-max-background.patch (run tools/setup)")
 
 
 async def serve(stopper: Stopper) -> None:
@@ -308,7 +282,7 @@ def main(argv=None) -> int:
     if not args.foreground:
         daemonize()
     fuseloop.install()
-    raise_background_limit(real_mountpoint, iopath.MAX_BACKGROUND)
+    report_background_limit()
     log.info("serving %s at %s as node %s", store_dir, mountpoint, cfg.node)
     stopper = Stopper(ops, real_mountpoint)
     unmount = False        # a clean stop unmounted already: the kernel ended the session

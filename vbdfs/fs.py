@@ -88,6 +88,9 @@ class VbdFs(pyfuse3.Operations):
     # write() gets the request's data in place (a memoryview), not a copy:
     # one copy of every written byte fewer (patches/pyfuse3-*-zero-copy-write).
     zero_copy_write = True
+    # The kernel's default, 12 asynchronous requests in flight, would cap a
+    # guest's queue depth at 12 (patches/pyfuse3-*-max-background; iopath.py).
+    max_background = iopath.MAX_BACKGROUND
 
     def __init__(self, store: Store, node: str = "", io_mode: str = "auto"):
         super().__init__()

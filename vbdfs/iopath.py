@@ -52,9 +52,9 @@ most MAX_TASKS request tasks (each holds one request and its buffer, up to
 1 MiB), whatever the guests' queue depth. The kernel sends a FUSE server at
 most max_background asynchronous requests at once (direct I/O from fio or a
 loop device, readahead); its default, 12, capped a guest's queue depth at 12
-and so, on a slow store, the IOPS at 12 / latency. The daemon raises its
-mount's to MAX_BACKGROUND at start (daemon.py; through fusectl, so as root);
-requests past MAX_TASKS wait in the kernel.
+and so, on a slow store, the IOPS at 12 / latency. The daemon asks for
+MAX_BACKGROUND at mount (VbdFs.max_background); requests past MAX_TASKS wait
+in the kernel.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ MODES = ("auto", "inline", "threads")
 THREADS = 16
 MAX_TASKS = 2 * THREADS
 # Requests the kernel may have in flight to the daemon (FUSE max_background,
-# set at mount: see daemon.py); those past MAX_TASKS wait in the kernel.
+# set at mount: see VbdFs); those past MAX_TASKS wait in the kernel.
 MAX_BACKGROUND = MAX_TASKS
 # Reads of a disk averaging over SLOW_NS go to threads, back under FAST_NS
 # inline. A thread hand-off costs the loop's thread ~11 us of CPU (see
