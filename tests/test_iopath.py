@@ -310,3 +310,92 @@ def test_fast_qcow2_disk_returns_inline_after_a_thread(tmp_path):
     assert len(image.readers) == 1600
     in_threads = sum(t != loop_thread for t in image.readers)
     assert in_threads == 0, f"{in_threads} of 1600 reads ran in worker threads"
+
+
+def flush_held(engine):
+    """engine with a flush that waits for `release` (in a worker thread)."""
+    class FlushHeld(engine):
+        def flush(self):
+            self.log.append("flush in")
+            assert self.release.wait(10)
+            super().flush()
+            self.log.append("flush out")
+    return FlushHeld
+
+
+@pytest.mark.parametrize("engine", [RawImage, Qcow2Image], ids=["raw", "qcow2"])
+@pytest.mark.parametrize("mode", iopath.MODES)
+def test_a_paused_disk_holds_back_its_requests_only(tmp_path, mode, engine):
+    """paused() waits for the disk's requests in flight (a flush in a worker
+    thread), holds back every kind of request of that disk, those that came
+    before it and waited too, while the Image is swapped and while a second
+    pause that queued behind it runs; another disk's requests go on. Then
+    they run, on the new Image (the old one is closed: there they fail)."""
+    import trio.testing  # noqa: F401  (trio.testing is a submodule)
+    paths = [str(tmp_path / f"{n}.img") for n in "ab"]
+    for path in paths:
+        engine.create(path, 8 * MiB).close()
+    a = flush_held(engine)(paths[0])
+    a.log, a.release = [], threading.Event()
+    a.write(0, b"x" * 65536)
+    b = engine(paths[1])
+    io_a, io_b = iopath.DiskIO(a, mode), iopath.DiskIO(b, mode)
+    phase = ["before"]
+    done = []                  # (request, phase it ended in)
+    swapped = []
+
+    async def request(name, call, *args):
+        await call(*args)
+        done.append((name, phase[0]))
+
+    def requests(nursery, tag):
+        nursery.start_soon(request, f"read {tag}", io_a.read, 0, 4096)
+        nursery.start_soon(request, f"write {tag}", io_a.write, 4096, b"y" * 4096)
+        nursery.start_soon(request, f"zero {tag}", io_a.zero, 8192, 4096)
+        nursery.start_soon(request, f"seek {tag}", io_a.seek, 0, True)
+        nursery.start_soon(request, f"flush {tag}", io_a.flush)
+
+    async def pause(first):
+        async with io_a.paused():
+            assert not io_a._active
+            phase[0] = "in pause"
+            if mode != "inline":            # the flushes begun before have ended
+                assert a.log.count("flush out") == a.log.count("flush in") >= 1
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.05)          # any request let through ends meanwhile
+            await io_b.write(0, b"b" * 4096)               # the other disk runs
+            assert bytes(await io_b.read(0, 4096)) == b"b" * 4096
+            await io_b.flush()
+            if first:
+                a.release.set()                     # its close flushes
+                a.close()
+                swapped.append(engine(paths[0]))
+                io_a.image = swapped[0]
+            await trio.sleep(0.05)
+            phase[0] = "after"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            if mode != "inline":
+                nursery.start_soon(io_a.flush)          # in flight in a worker thread
+                while not a.log:
+                    await trio.sleep(0.001)
+                requests(nursery, "early")              # a qcow2's wait for the flush
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(pause, True)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(pause, False)            # queued behind the first
+            requests(nursery, "late")
+            await trio.testing.wait_all_tasks_blocked()
+            if mode != "inline":
+                assert phase == ["before"]              # the pause waits for the flush
+                a.release.set()
+
+    trio.run(main)
+    assert len(done) == (10 if mode != "inline" else 5)
+    assert [r for r, p in done if p == "in pause"] == []
+    assert {r for r, p in done if r.endswith("late")} == {
+        f"{r} late" for r in ("read", "write", "zero", "seek", "flush")}
+    assert bytes(swapped[0].read(4096, 4096)) == b"y" * 4096
+    swapped[0].close()
+    b.close()

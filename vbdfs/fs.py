@@ -10,8 +10,10 @@ through the disk's DiskIO (iopath.py), which calls them straight from the
 handler or, on a slow store, in a worker thread. A handler that touches an
 open Image must go through it too: a qcow2 engine must never be entered by
 two requests at once. Opening an image runs in a thread and closing one
-writes back through DiskIO first, one open or release at a time per disk:
-they may take long (a repair, a flush) and must not hold up the other disks.
+writes back through DiskIO first; a Ganeti lease move and a grow run in a
+thread while the disk's requests wait (DiskIO.paused). One of these at a
+time per disk (its turn): they may take long (a repair, a flush) and must
+not hold up the other disks.
 """
 
 from __future__ import annotations
@@ -224,28 +226,44 @@ class VbdFs(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         key = self._key(inode)
         current = self._attr(inode)
-        if fields.update_size and len(key) == 2 and attr.st_size != self._image_size(inode, key):
-            # Only to the size the manifest already records (vbdctl or the
-            # Ganeti provider wrote it, under the instance lock): O_TRUNC or
-            # ftruncate from a careless tool must not destroy a disk.
-            if attr.st_size != self._disk(key).size or attr.st_size < current.st_size:
-                raise pyfuse3.FUSEError(errno.EPERM)
-            od = self._open.get(inode)
-            if od is not None:
-                await od.io.idle()      # grow may resize or swap the Image under them
-                if self._open.get(inode) is not od:
-                    raise pyfuse3.FUSEError(errno.EAGAIN)   # released meanwhile: retry
-            try:
-                self.leases.grow(od, key, self._disk(key).path, attr.st_size)
-            except leases.LeaseBusy as e:
-                log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
-                raise pyfuse3.FUSEError(errno.EBUSY) from None
+        if fields.update_size and len(key) == 2:
+            async with iopath.Held(self._disk_turn(inode)):
+                await self._size_to(inode, key, attr.st_size)
             current = self._attr(inode)
-        elif fields.update_size and (len(key) != 2 or attr.st_size != current.st_size):
+        elif fields.update_size:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         return current   # times follow the backing file; touch is harmless
+
+    async def _size_to(self, inode: int, key: tuple, size: int) -> None:
+        """A truncate of a disk (in its turn): only a grow, and only to the
+        size the manifest already records (vbdctl or the Ganeti provider wrote
+        it, under the instance lock): O_TRUNC or ftruncate from a careless
+        tool must not destroy a disk. Like an open, in a thread: a grow
+        flushes, and may open the image afresh (a repair of a dirty qcow2)."""
+        od = self._open.get(inode)
+        current = self._attr(inode).st_size
+        if od is None:
+            image_size = await trio.to_thread.run_sync(self._image_size, key)
+        else:
+            image_size = od.image.size
+        if size == image_size:
+            if size != current:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            return
+        if size != self._disk(key).size or size < current:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        grow = functools.partial(self.leases.grow, od, key, self._disk(key).path, size)
+        try:
+            if od is None:
+                await trio.to_thread.run_sync(grow)
+            else:
+                async with od.io.paused():  # it may resize or swap the Image
+                    await trio.to_thread.run_sync(grow)
+        except leases.LeaseBusy as e:
+            log.warning("instance %s disk %s not grown: %s", key[0], key[1], e)
+            raise pyfuse3.FUSEError(errno.EBUSY) from None
 
     # --- directories -----------------------------------------------------
     @contained
@@ -338,17 +356,21 @@ class VbdFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if self._manifest(key[0]).ganeti is None:
             raise pyfuse3.FUSEError(errno.EPERM)   # other disks' leases follow their opens
-        od = self._open.get(inode)
-        if od is None or not od.writable:
-            raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
-        await od.io.idle()              # set_lease swaps the Image: none may run on the old
-        if self._open.get(inode) is not od:
-            raise pyfuse3.FUSEError(errno.ENXIO)  # released while its requests ended
-        try:
-            self.leases.set_lease(od, key, self._disk(key).path, mode)
-        except leases.LeaseBusy as e:
-            log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
-            raise pyfuse3.FUSEError(errno.EBUSY) from None
+        # In the disk's turn (no open or release in between) and in a thread:
+        # a move flushes, and opens the image afresh (a repair of a dirty
+        # qcow2), while the disk's requests wait and the other disks' run.
+        async with iopath.Held(self._disk_turn(inode)):
+            od = self._open.get(inode)
+            if od is None or not od.writable:
+                raise pyfuse3.FUSEError(errno.ENXIO)  # not attached read-write here
+            set_lease = functools.partial(self.leases.set_lease, od, key,
+                                          self._disk(key).path, mode)
+            try:
+                async with od.io.paused():    # none may run on the Image it swaps
+                    await trio.to_thread.run_sync(set_lease)
+            except leases.LeaseBusy as e:
+                log.warning("instance %s disk %s: no %s lease: %s", key[0], key[1], mode, e)
+                raise pyfuse3.FUSEError(errno.EBUSY) from None
 
     async def _clone_to(self, inode: int, value: bytes) -> None:
         od = self._open.get(inode)
@@ -437,8 +459,9 @@ class VbdFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=True)
 
     def _disk_turn(self, inode: int) -> trio.Lock:
-        """The lock that takes a disk's opens and releases one at a time: they
-        wait in threads, and each must find what the one before it left."""
+        """The lock that takes a disk's opens, releases, lease moves and grows
+        one at a time: they wait in threads, and each must find what the one
+        before it left."""
         lock = self._opening.get(inode)
         if lock is None:
             lock = self._opening[inode] = trio.Lock()
@@ -515,10 +538,8 @@ class VbdFs(pyfuse3.Operations):
                 pass              # _open_image reports a missing or unreadable file
         return self._open_image(key, writable)
 
-    def _image_size(self, inode: int, key: tuple) -> int:
-        od = self._open.get(inode)
-        if od is not None:
-            return od.image.size
+    def _image_size(self, key: tuple) -> int:
+        """The size of a disk not open here, as its image says (in a thread)."""
         with self._fresh_image(key, False) as img:
             return img.size
 

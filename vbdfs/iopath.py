@@ -59,6 +59,7 @@ in the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import threading
@@ -175,6 +176,7 @@ class DiskIO:
         self._tickets = 0
         self._active: dict[int, bool] = {}      # requests not done: ticket -> is a write
         self._done: trio.Event | None = None    # set when one of them ends
+        self._pause: trio.Event | None = None   # set when paused() ends
 
     @property
     def image(self):
@@ -183,7 +185,7 @@ class DiskIO:
     @image.setter
     def image(self, image) -> None:
         """Serve another Image of the same disk. The caller swaps only with no
-        request in flight (await idle() first), so none runs on the old one."""
+        request in flight (inside paused()), so none runs on the old one."""
         self._image = image
         # The Ganeti lease moves a disk between a cached Image and a cold one.
         # A qcow2 engine of its own locks its metadata (see the docstring).
@@ -195,6 +197,8 @@ class DiskIO:
         self.read_nowait = self.write_nowait = hasattr(image, "read_nowait")
 
     async def read(self, off: int, size: int):
+        if self._pause is not None:
+            await self._unpaused()
         if self.mode == "inline":
             return self.image.read_serial(off, size)
         if self.lock is not None:
@@ -225,6 +229,8 @@ class DiskIO:
             self.latency.note(time.perf_counter_ns() - start)
 
     async def write(self, off: int, data) -> None:
+        if self._pause is not None:
+            await self._unpaused()
         if self.mode == "inline":
             return self.image.write_serial(off, data)
         if self.lock is not None:
@@ -252,6 +258,8 @@ class DiskIO:
     async def zero(self, off: int, length: int) -> None:
         """Deallocate a range (fallocate: a guest's discard or write-zeroes):
         run as a write."""
+        if self._pause is not None:
+            await self._unpaused()
         if self.mode == "inline":
             return self.image.zero(off, length)
         if self.lock is not None:
@@ -262,6 +270,8 @@ class DiskIO:
 
     async def seek(self, off: int, data: bool):
         """SEEK_DATA / SEEK_HOLE: reads a qcow2 image's metadata (under its lock)."""
+        if self._pause is not None:
+            await self._unpaused()
         if self.mode == "inline":
             return self.image.seek(off, data)
         if self.lock is not None:
@@ -273,6 +283,8 @@ class DiskIO:
     async def flush(self) -> None:
         """Make every write answered before this flush durable: wait for the
         writes still in flight that started before it, then flush the image."""
+        if self._pause is not None:
+            await self._unpaused()
         if self.mode == "inline":
             return self.image.flush()
         ticket = self._begin(False)
@@ -290,6 +302,25 @@ class DiskIO:
         can be closed."""
         await self._wait(lambda: self._active)
 
+    @contextlib.asynccontextmanager
+    async def paused(self):
+        """Hold back this disk's new requests, wait for those in flight, and
+        let them go at exit: meanwhile the Image may be swapped in a thread
+        (a Ganeti lease move, a grow) while the other disks are served."""
+        await self._unpaused()          # one pause at a time
+        self._pause = trio.Event()
+        try:
+            await self.idle()
+            yield
+        finally:
+            pause, self._pause = self._pause, None
+            pause.set()
+            self._wake()                # those waiting in _joins_threads look again
+
+    async def _unpaused(self) -> None:
+        while self._pause is not None:  # another pause may have begun before we ran
+            await self._pause.wait()
+
     # --- how a request runs -----------------------------------------------------
     async def _joins_threads(self) -> bool:
         """A qcow2 disk with requests in worker threads, one of which may hold
@@ -298,7 +329,8 @@ class DiskIO:
         ended, and runs inline (see the module's docstring)."""
         if self.mode == "threads" or self.latency.slow:
             return True
-        await self._wait(lambda: self._active)
+        # Nor past a pause that began meanwhile: the Image may change in it.
+        await self._wait(lambda: self._active or self._pause is not None)
         return False
 
     async def _run(self, is_write: bool, fn, *args):
@@ -339,6 +371,9 @@ class DiskIO:
 
     def _end(self, ticket: int) -> None:
         del self._active[ticket]
+        self._wake()
+
+    def _wake(self) -> None:
         if self._done is not None:
             self._done.set()
             self._done = None

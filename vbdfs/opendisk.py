@@ -14,9 +14,10 @@ those leases for the daemon:
 
 Images are opened by the caller's `fresh_image(key, writable)` (fs.py: it
 drops a Ganeti volume's cached pages first and maps failures to errnos).
-Every method that replaces an OpenDisk's Image runs with no request in
-flight on it (the caller waits for DiskIO.idle). A lease held elsewhere
-raises leases.LeaseBusy, for the caller to turn into EBUSY.
+The methods block (flushes, opens), so the daemon calls them in a thread;
+one that replaces an OpenDisk's Image runs with no request in flight on it
+and none starting (the caller holds the disk in DiskIO.paused). A lease
+held elsewhere raises leases.LeaseBusy, for the caller to turn into EBUSY.
 """
 
 from __future__ import annotations
