@@ -3,10 +3,13 @@ process, and qemu-img / qemu-io as the judges of images."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -136,12 +139,69 @@ def make_instance(store: Store, name: str, *sizes: int, fmt: str = "raw"):
     return store.create(name, [DiskSpec(size=s, format=fmt) for s in sizes])
 
 
+# --- one disk's long operation must not hold up another ---------------------------
+
+@contextlib.contextmanager
+def reads_meanwhile(path):
+    """Read 4 KiB of path over and over in a thread (the mount is direct_io:
+    each read reaches the daemon); yield the list of each read's end time."""
+    fd = os.open(path, os.O_RDONLY)
+    stop = threading.Event()
+    stamps: list[float] = []
+
+    def read():
+        while not stop.is_set():
+            os.pread(fd, 4096, 0)
+            stamps.append(time.monotonic())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        time.sleep(0.2)
+        yield stamps
+    finally:
+        stop.set()
+        reader.join()
+        os.close(fd)
+
+
+def assert_reads_went_on(stamps, started: float, ended: float, what: str) -> None:
+    """The reads went on while `what` ran from started to ended. Not gap-free:
+    a repair's thread holds the GIL for whole C calls, and CI shares two
+    cores; run in the request loop, the reads stopped for all of it."""
+    took = ended - started
+    assert took > 0.3, f"the {what} took {took:.2f} s: too fast to show anything"
+    during = [t for t in stamps if started <= t <= ended]
+    gaps = [b - a for a, b in zip([started] + during, during + [ended])]
+    assert len(during) >= 20 and max(gaps) < took / 2, (
+        f"another disk's reads stopped for {max(gaps):.2f} s of the {took:.2f} s {what} "
+        f"({len(during)} reads meanwhile)")
+
+
 # --- qemu as the judge of images ------------------------------------------------
 
 def qemu_img(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
     """qemu-img with its output captured; check: raise unless it succeeds."""
     return subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
                           check=check, cwd=cwd)
+
+
+def mark_dirty(path) -> None:
+    """Set a qcow2's dirty bit (incompatible_features bit 0), as if qemu had
+    crashed under lazy refcounts: a writable open rebuilds its refcounts."""
+    with open(path, "r+b") as f:
+        f.seek(72)
+        features = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", features | 1))
+
+
+def make_dirty_qcow2(src, path) -> None:
+    """A qcow2 of src's contents in 512-byte clusters, marked dirty: its
+    repair at a writable open takes ~1 s for 128 MiB."""
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512,lazy_refcounts=on",
+             src, path)
+    mark_dirty(path)
 
 
 def assert_judged_same(path, model: bytes, tmp_path) -> None:

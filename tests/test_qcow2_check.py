@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_judged_same, engine_random_writes, qemu_img
+from conftest import assert_judged_same, engine_random_writes, mark_dirty, qemu_img
 from vbdfs.images.qcow2 import Qcow2Image
 from vbdfs.images.qcow2_check import check_file
 from vbdfs.images.qcow2_refcount import RefcountOverflow
@@ -289,11 +289,7 @@ def test_dirty_repair_at_every_width(tmp_path, bits):
                     "write -P 2 40M 1M", str(path)], check=True, capture_output=True)
     before = tmp_path / "before.raw"
     qemu_img("convert", "-O", "raw", path, before)
-    with open(path, "r+b") as f:       # as if qemu had crashed under lazy refcounts
-        f.seek(72)
-        features = struct.unpack(">Q", f.read(8))[0]
-        f.seek(72)
-        f.write(struct.pack(">Q", features | 1))
+    mark_dirty(path)                   # as if qemu had crashed under lazy refcounts
     with Qcow2Image(str(path)) as img:
         assert img.repaired
     assert qemu_img("check", path, check=False).returncode == 0
@@ -378,11 +374,7 @@ def test_dirty_repair_keeps_persistent_bitmaps(tmp_path):
     qemu_img("bitmap", "--add", path, "b0")
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(path)],
                    check=True, capture_output=True)
-    with open(path, "r+b") as f:       # as if qemu had crashed under lazy refcounts
-        f.seek(72)
-        features = struct.unpack(">Q", f.read(8))[0]
-        f.seek(72)
-        f.write(struct.pack(">Q", features | 1))
+    mark_dirty(path)                   # as if qemu had crashed under lazy refcounts
     assert check_file(str(path))["summary"] == qemu_verdict(path)
     with Qcow2Image(str(path)) as img:
         assert img.repaired
