@@ -243,7 +243,7 @@ class VbdFs(pyfuse3.Operations):
         tool must not destroy a disk. Like an open, in a thread: a grow
         flushes, and may open the image afresh (a repair of a dirty qcow2)."""
         od = self._open.get(inode)
-        current = self._attr(inode).st_size
+        current = self._attr(inode).st_size     # in the turn: after any grow before it
         if od is None:
             image_size = await trio.to_thread.run_sync(self._image_size, key)
         else:
@@ -373,8 +373,7 @@ class VbdFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EBUSY) from None
 
     async def _clone_to(self, inode: int, value: bytes) -> None:
-        od = self._open.get(inode)
-        if od is None:
+        if inode not in self._open:
             raise pyfuse3.FUSEError(errno.ENXIO)   # not open here: the caller copies the file
         path = os.fsdecode(value)
         try:
@@ -385,14 +384,17 @@ class VbdFs(pyfuse3.Operations):
         try:
             if os.fstat(fd).st_size:
                 raise pyfuse3.FUSEError(errno.EEXIST)      # only into an empty file
-            # Most of the writing back before the pause, by the request path.
-            await od.io.flush()
-            await od.io.idle()
-            if self._open.get(inode) is not od:
-                raise pyfuse3.FUSEError(errno.ENXIO)
-            # No await from here: none of the disk's requests runs until it is made.
-            if not od.image.reflink_to(fd):
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            # In the disk's turn: no release, lease move or grow swaps its Image meanwhile.
+            async with iopath.Held(self._disk_turn(inode)):
+                od = self._open.get(inode)
+                if od is None:
+                    raise pyfuse3.FUSEError(errno.ENXIO)
+                # Most of the writing back before the pause, by the request path.
+                await od.io.flush()
+                # None of the disk's requests runs until the copy is made.
+                async with od.io.paused():
+                    if not await trio.to_thread.run_sync(od.image.reflink_to, fd):
+                        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         finally:
             os.close(fd)
 
